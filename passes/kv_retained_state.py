@@ -163,9 +163,7 @@ class KVRetainedState(GraphPass):
 
     # -- the three rewrites -------------------------------------------------------------------------------------
 
-    def _virtualise_past_shape_reads(
-        self, graph: ir.Graph, input_ids: ir.Value, pasts: list[ir.Value]
-    ) -> int:
+    def _virtualise_past_shape_reads(self, graph: ir.Graph, input_ids: ir.Value, pasts: list[ir.Value]) -> int:
         """``Shape(past)`` reports ``[.., ctx_len - seq_len, ..]`` so ``past_len + seq_len`` equals ``ctx_len``."""
         reads = [n for p in pasts for n in consumers(p) if n.op_type == "Shape"]
         if not reads:
@@ -173,9 +171,7 @@ class KVRetainedState(GraphPass):
         seq_len = ir.node("Shape", [input_ids], attributes={"start": 1, "end": 2})
         zeros = const([0, 0], np.int64)
         tail = const([0], np.int64)
-        offset = ir.node(
-            "Concat", [zeros.outputs[0], seq_len.outputs[0], tail.outputs[0]], attributes={"axis": 0}
-        )
+        offset = ir.node("Concat", [zeros.outputs[0], seq_len.outputs[0], tail.outputs[0]], attributes={"axis": 0})
         new_nodes: list[ir.Node] = [seq_len, zeros, tail, offset]
         for read in reads:
             full = ir.node("Shape", [read.inputs[0]])

@@ -94,8 +94,7 @@ def example_inputs(layout: KVLayout) -> tuple:
     attention_mask = torch.ones((b, p + s), dtype=torch.long)
     position_ids = torch.arange(p, p + s, dtype=torch.long).unsqueeze(0).expand(b, s).contiguous()
     past = tuple(
-        torch.zeros((b, layout.kv_heads, p, layout.head_dim), dtype=layout.dtype)
-        for _ in range(2 * layout.num_layers)
+        torch.zeros((b, layout.kv_heads, p, layout.head_dim), dtype=layout.dtype) for _ in range(2 * layout.num_layers)
     )
     return input_ids, attention_mask, position_ids, past
 

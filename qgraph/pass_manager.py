@@ -90,9 +90,7 @@ def parse_pipeline(text_or_path: str | Path) -> list[PassSpec]:
             elif isinstance(item, dict) and "name" in item:
                 specs.append(PassSpec(item["name"], dict(item.get("options") or {})))
             else:
-                raise QGraphError(
-                    f"pipeline file {path}: entry {item!r} is neither a name nor {{name, options}}"
-                )
+                raise QGraphError(f"pipeline file {path}: entry {item!r} is neither a name nor {{name, options}}")
         return specs
     return [PassSpec(n.strip()) for n in str(text_or_path).split(",") if n.strip()]
 

@@ -1,0 +1,135 @@
+"""ONNX Runtime backend: the retained-state graph in an ``InferenceSession``, KV buffers kept as OrtValues.
+
+KV buffers never pass through numpy between steps: two sets of OrtValues are allocated per generation and swapped
+after each run (the outputs of step n are bound as the inputs of step n+1), via IOBinding.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import onnx_ir as ir
+
+from qgraph.backend_api import Capabilities, CompileOptions
+from qgraph.errors import QGraphError
+from qgraph.pass_manager import PassSpec
+from qgraph.pipelines import standard_pipeline
+
+MODEL_FILE = "model.onnx"
+SETTINGS_FILE = "ort_settings.json"
+
+_OPT_LEVELS = {
+    "disable": "ORT_DISABLE_ALL",
+    "basic": "ORT_ENABLE_BASIC",
+    "extended": "ORT_ENABLE_EXTENDED",
+    "all": "ORT_ENABLE_ALL",
+}
+
+
+def _session_options(settings: dict[str, Any]):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    for key, value in settings.items():
+        if key == "graph_optimization_level":
+            if value not in _OPT_LEVELS:
+                raise QGraphError(f"graph_optimization_level must be one of {sorted(_OPT_LEVELS)}, got {value!r}")
+            value = getattr(ort.GraphOptimizationLevel, _OPT_LEVELS[value])
+        elif not hasattr(options, key):
+            known = sorted(k for k in dir(options) if not k.startswith("_"))
+            raise QGraphError(f"unknown ONNX Runtime session option {key!r}; SessionOptions has: {', '.join(known)}")
+        setattr(options, key, value)
+    return options
+
+
+class OrtDecoderSession:
+    """``DecoderSession`` over an ORT ``InferenceSession`` with IOBinding for the retained state."""
+
+    def __init__(self, model_path: Path, settings: dict[str, Any], providers: list[str], prefill_seq_len: int):
+        import onnxruntime as ort
+
+        self._ort = ort
+        self.session = ort.InferenceSession(str(model_path), _session_options(settings), providers=providers)
+        self.prefill_seq_len = prefill_seq_len
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        self.state_names = [n for n in inputs if n.startswith("past_")]
+        self.state_shapes = {n: inputs[n].shape for n in self.state_names}
+        self.state_dtypes = {n: _numpy_dtype(inputs[n].type) for n in self.state_names}
+        self.ctx_len = int(self.state_shapes[self.state_names[0]][2])
+        self.logits_name = self.session.get_outputs()[0].name
+        self.device_seconds = 0.0
+        self._current: list = []
+        self._next: list = []
+
+    def _zeros(self, batch_size: int) -> list:
+        values = []
+        for name in self.state_names:
+            _, heads, ctx, dim = self.state_shapes[name]
+            array = np.zeros((batch_size, heads, ctx, dim), dtype=self.state_dtypes[name])
+            values.append(self._ort.OrtValue.ortvalue_from_numpy(array))
+        return values
+
+    def reset(self, batch_size: int) -> None:
+        self._current, self._next = self._zeros(batch_size), self._zeros(batch_size)
+        self.device_seconds = 0.0
+
+    def run(self, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
+        binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
+        binding.bind_output(self.logits_name, "cpu")  # first: get_outputs() follows binding order
+        for name, cur, nxt in zip(self.state_names, self._current, self._next, strict=True):
+            binding.bind_ortvalue_input(name, cur)
+            binding.bind_ortvalue_output(f"{name}_RetainedState", nxt)
+        start = time.perf_counter()
+        self.session.run_with_iobinding(binding)
+        self.device_seconds += time.perf_counter() - start
+        logits = binding.get_outputs()[0].numpy()
+        self._current, self._next = self._next, self._current
+        return logits.astype(np.float32, copy=False)
+
+
+def _numpy_dtype(ort_type: str):
+    return {"tensor(float)": np.float32, "tensor(float16)": np.float16}.get(ort_type, np.float32)
+
+
+class OrtBackend:
+    """ONNX Runtime on the CPU (or CUDA where onnxruntime-gpu is installed and ``providers`` asks for it)."""
+
+    name: ClassVar[str] = "ort"
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        static_shapes=False,
+        retained_state=True,
+        rmsnorm_lowering="ort-fused",
+        dtypes=frozenset({"float32", "float16"}),
+        domains=frozenset({"", "com.microsoft"}),
+    )
+    used_options: ClassVar[frozenset[str]] = frozenset({"session_options", "providers"})
+
+    @property
+    def version(self) -> str:
+        import onnxruntime as ort
+
+        return ort.__version__
+
+    def pipeline(self, options: CompileOptions) -> list[PassSpec]:
+        return standard_pipeline(self.capabilities, options)
+
+    def compile(self, model: ir.Model, options: CompileOptions, artifact_dir: Path) -> None:
+        settings = dict(options.extra.get("session_options") or {})
+        providers = list(options.extra.get("providers") or ["CPUExecutionProvider"])
+        _session_options(settings)  # reject bad settings now, not at first generate
+        ir.save(model, artifact_dir / MODEL_FILE, external_data=MODEL_FILE + ".data")
+        (artifact_dir / SETTINGS_FILE).write_text(
+            json.dumps({"session_options": settings, "providers": providers}, indent=2)
+        )
+
+    def load(self, artifact_dir: Path, options: CompileOptions) -> OrtDecoderSession:
+        saved = json.loads((artifact_dir / SETTINGS_FILE).read_text())
+        return OrtDecoderSession(
+            artifact_dir / MODEL_FILE, saved["session_options"], saved["providers"], options.prefill_seq_len
+        )

@@ -1,0 +1,100 @@
+"""What a backend is: capabilities as data, a default pipeline, and three verbs.
+
+The core never names a backend. It asks the registry for one by name, reads its ``Capabilities`` to choose passes,
+calls ``compile`` to write an artifact directory (the core handles caching and atomic writes), and ``load`` to get a
+``DecoderSession`` that the runtime drives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import numpy as np
+import onnx_ir as ir
+
+from qgraph.pass_manager import PassSpec
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """Facts about a target that decide how the graph is lowered for it."""
+
+    static_shapes: bool  # needs every shape fixed at compile time (specializations)
+    retained_state: bool  # keeps KV buffers on the device between runs
+    rmsnorm_lowering: str  # "ort-fused" | "onnx-23" | "function" | "decomposed"
+    dtypes: frozenset[str]  # compute dtypes it accepts, e.g. {"float32", "float16"}
+    domains: frozenset[str] = frozenset({""})  # ONNX op domains it executes ("" = standard ONNX)
+    custom_functions: frozenset[str] = frozenset()  # custom-op functions it recognises, e.g. {"CustomRMSNorm"}
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            k: sorted(v) if isinstance(v, frozenset) else v
+            for k, v in self.__dict__.items()  # frozen dataclass: a plain read
+        }
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """Shapes every backend needs, plus backend-specific options kept as given (``extra``)."""
+
+    prefill_seq_len: int = 32
+    ctx_len: int = 128
+    batch_size: int = 1
+    num_cores: int = 16
+    precision: str = "float32"
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from qgraph.errors import QGraphError
+
+        if self.prefill_seq_len < 1 or self.ctx_len < 2 or self.batch_size < 1:
+            raise QGraphError(
+                f"prefill_seq_len, batch_size must be >= 1 and ctx_len >= 2 "
+                f"(got {self.prefill_seq_len}, {self.batch_size}, {self.ctx_len})"
+            )
+        if self.prefill_seq_len > self.ctx_len:
+            raise QGraphError(f"prefill_seq_len {self.prefill_seq_len} is larger than ctx_len {self.ctx_len}")
+
+    def key(self) -> dict[str, Any]:
+        return {
+            "prefill_seq_len": self.prefill_seq_len,
+            "ctx_len": self.ctx_len,
+            "batch_size": self.batch_size,
+            "num_cores": self.num_cores,
+            "precision": self.precision,
+            "extra": {k: self.extra[k] for k in sorted(self.extra)},
+        }
+
+
+@runtime_checkable
+class DecoderSession(Protocol):
+    """A compiled retained-state decoder: KV buffers live inside, the runtime feeds tokens and positions."""
+
+    ctx_len: int
+    prefill_seq_len: int
+    device_seconds: float  # time spent inside the backend's run calls since the last reset
+
+    def reset(self, batch_size: int) -> None:
+        """Start a new generation for ``batch_size`` rows (KV buffers cleared)."""
+
+    def run(self, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        """Feed ``[b, s]`` tokens at ``[b, s]`` positions (-1 = padding); return float32 logits ``[b, s, V]``."""
+
+
+class Backend(Protocol):
+    name: ClassVar[str]
+    capabilities: ClassVar[Capabilities]
+    # Options of CompileOptions.extra (or num_cores, ...) this backend acts on; others are accepted and noted.
+    used_options: ClassVar[frozenset[str]]
+
+    def pipeline(self, options: CompileOptions) -> list[PassSpec]:
+        """The passes that make a vanilla export ready for this backend."""
+
+    def compile(self, model: ir.Model, options: CompileOptions, artifact_dir: Path) -> None:
+        """Write everything needed to run into ``artifact_dir`` (an empty directory the core will publish)."""
+
+    def load(self, artifact_dir: Path, options: CompileOptions) -> DecoderSession:
+        """A session over a compiled artifact."""

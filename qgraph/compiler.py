@@ -1,0 +1,94 @@
+"""Vanilla ONNX -> backend pipeline -> compiled artifact, cached by a key of everything that shaped it."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+
+from qgraph.backend_api import Backend, CompileOptions, DecoderSession
+from qgraph.cache import digest, is_complete, publish
+from qgraph.pass_manager import PassReport, PassSpec, format_reports, run_pipeline
+from qgraph.progress import step
+from qgraph.registry import Registry, backend_registry, pass_registry
+
+ONNX_FILE = "model.onnx"  # every backend writes its target-ready graph under this name in the artifact
+REPORT_FILE = "passes.json"
+CORE_OPTIONS = frozenset({"prefill_seq_len", "ctx_len", "batch_size", "precision"})
+
+
+@dataclass
+class CompiledArtifact:
+    backend: Backend
+    options: CompileOptions
+    directory: Path
+    reports: list[dict[str, Any]] = field(default_factory=list)
+    reused: bool = False
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.directory / ONNX_FILE
+
+    def load(self) -> DecoderSession:
+        return self.backend.load(self.directory, self.options)
+
+
+def get_backend(name: str, registry: Registry | None = None) -> Backend:
+    return (registry or backend_registry()).get(name)()
+
+
+def unused_options(backend: Backend, given: dict[str, Any]) -> list[str]:
+    """Options the caller set that this backend does not act on (accepted, reported, ignored)."""
+    return sorted(k for k in given if k not in CORE_OPTIONS and k not in backend.used_options)
+
+
+def artifact_key(source_key: str, backend: Backend, specs: list[PassSpec], options: CompileOptions) -> str:
+    used_extra = {k: v for k, v in options.extra.items() if k in backend.used_options}
+    shaping = options.key() | {"extra": used_extra}
+    if "num_cores" not in backend.used_options:
+        shaping.pop("num_cores")
+    return digest(
+        {
+            "source": source_key,
+            "backend": backend.name,
+            "backend_version": getattr(backend, "version", ""),
+            "capabilities": backend.capabilities.as_dict(),
+            "passes": [s.key() for s in specs],
+            "options": shaping,
+        }
+    )
+
+
+def compile_onnx(
+    vanilla_path: Path,
+    source_key: str,
+    backend: Backend,
+    options: CompileOptions,
+    cache_dir: Path,
+    passes: list[PassSpec] | None = None,
+    pass_reg: Registry | None = None,
+    verbose: bool = True,
+) -> CompiledArtifact:
+    """Run the backend's pipeline (or ``passes``) over the vanilla graph and let the backend compile the result."""
+    specs = passes if passes is not None else backend.pipeline(options)
+    key = artifact_key(source_key, backend, specs, options)
+    directory = cache_dir / "compiled" / f"{backend.name}-{key}"
+    if is_complete(directory):
+        reports = json.loads((directory / REPORT_FILE).read_text())
+        return CompiledArtifact(backend, options, directory, reports, reused=True)
+    registry = pass_reg or pass_registry()
+    with step(f"compiling for backend {backend.name!r} ({len(specs)} passes)", verbose):
+        model = ir.load(vanilla_path)
+        reports: list[PassReport] = run_pipeline(
+            model, specs, registry, progress=(lambda m: print(f"qgraph:   {m}", file=sys.stderr)) if verbose else None
+        )
+        if verbose:
+            print(format_reports(reports), file=sys.stderr)
+        with publish(directory) as tmp:
+            backend.compile(model, options, tmp)
+            (tmp / REPORT_FILE).write_text(json.dumps([r.as_dict() for r in reports], indent=2))
+    return CompiledArtifact(backend, options, directory, [r.as_dict() for r in reports])

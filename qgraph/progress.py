@@ -1,0 +1,35 @@
+"""Progress messages for long steps (export, compile), with a heartbeat so a long step never looks hung."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TextIO
+
+
+@contextmanager
+def step(message: str, enabled: bool = True, heartbeat_s: float = 15.0, stream: TextIO | None = None) -> Iterator[None]:
+    """Print ``message``, then elapsed time every ``heartbeat_s`` until the block ends, then the total."""
+    out = stream or sys.stderr
+    if not enabled:
+        yield
+        return
+    start = time.perf_counter()
+    print(f"qgraph: {message} ...", file=out, flush=True)
+    done = threading.Event()
+
+    def beat() -> None:
+        while not done.wait(heartbeat_s):
+            print(f"qgraph:   ... {message}: {time.perf_counter() - start:.0f} s", file=out, flush=True)
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+    print(f"qgraph: {message}: done in {time.perf_counter() - start:.1f} s", file=out, flush=True)
