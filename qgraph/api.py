@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,22 @@ from qgraph.progress import step
 from qgraph.runtime import GenerationResult, TextStreamer, greedy_generate
 
 EXPORT_OPSET = 20
+
+
+@contextlib.contextmanager
+def _exporter_chatter_silenced() -> Iterator[None]:
+    """The exporter's deprecation warnings and log lines are noise to a user; errors still surface as exceptions."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "transformers", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels, strict=True):
+                lg.setLevel(level)
 
 
 def _looks_like_path(name: str) -> bool:
@@ -61,6 +80,7 @@ class QEFFAutoModelForCausalLM:
         self._source_key: str | None = None
         self._vanilla_path: Path | None = None
         self.artifact: CompiledArtifact | None = None
+        self._session = None
 
     @classmethod
     def from_pretrained(
@@ -107,7 +127,10 @@ class QEFFAutoModelForCausalLM:
             from qgraph.export import export_vanilla
 
             params = sum(p.numel() for p in self.model.parameters()) / 1e6
-            with step(f"exporting {type(self.model).__name__} ({params:.1f}M parameters) to ONNX", self.verbose):
+            with (
+                step(f"exporting {type(self.model).__name__} ({params:.1f}M parameters) to ONNX", self.verbose),
+                _exporter_chatter_silenced(),
+            ):
                 exported = export_vanilla(self.model, opset=EXPORT_OPSET)
                 with publish(directory) as tmp:
                     ir.save(exported, tmp / ONNX_FILE, external_data=ONNX_FILE + ".data")
@@ -122,7 +145,7 @@ class QEFFAutoModelForCausalLM:
         prefill_seq_len: int = 32,
         ctx_len: int = 128,
         batch_size: int = 1,
-        num_cores: int = 16,
+        num_cores: int | None = None,
         precision: str = "float32",
         passes: str | Sequence[str] | None = None,
         **backend_options: Any,
@@ -136,11 +159,12 @@ class QEFFAutoModelForCausalLM:
             prefill_seq_len=prefill_seq_len,
             ctx_len=ctx_len,
             batch_size=batch_size,
-            num_cores=num_cores,
+            num_cores=16 if num_cores is None else num_cores,
             precision=precision,
             extra=backend_options,
         )
-        ignored = unused_options(target, {"num_cores": num_cores, **backend_options})
+        explicit = ({"num_cores": num_cores} if num_cores is not None else {}) | backend_options
+        ignored = unused_options(target, explicit)
         if ignored and self.verbose:
             print(f"qgraph: note: backend {backend!r} does not use {', '.join(ignored)} (ignored)", file=sys.stderr)
         specs = None
@@ -180,15 +204,15 @@ class QEFFAutoModelForCausalLM:
         **_: Any,
     ) -> GenerationResult:
         """Greedy generation for each prompt; prints the texts and latency stats when ``verbose``."""
-        start = time.perf_counter()
         verbose = self.verbose if verbose is None else verbose
         if self.artifact is None:
             raise QGraphError("the model is not compiled: call model.compile(...) before model.generate(...)")
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise QGraphError("no prompts given")
-        if getattr(self, "_session", None) is None:
+        if self._session is None:  # one-time session creation is not part of any request's latency
             self._session = self.artifact.load()
+        start = time.perf_counter()
         prompt_ids = [list(tokenizer(p)["input_ids"]) for p in prompts]
         streamer = TextStreamer(tokenizer) if stream else None
         if streamer:

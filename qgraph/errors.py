@@ -29,7 +29,8 @@ class UnknownNameError(QGraphError, KeyError):
 
     def __init__(self, kind: str, name: str, known: list[str]):
         self.kind, self.name, self.known = kind, name, sorted(known)
-        super().__init__(f"unknown {kind} {name!r}; known {kind}s: {', '.join(self.known) or '(none)'}")
+        plural = f"{kind}es" if kind.endswith("s") else f"{kind}s"
+        super().__init__(f"unknown {kind} {name!r}; known {plural}: {', '.join(self.known) or '(none)'}")
 
     def __str__(self) -> str:  # KeyError would quote the message otherwise
         return self.args[0]

@@ -1,0 +1,187 @@
+"""``qgraph`` command line: infer, export, optimize, passes, backends.
+
+Errors that come from the user's input are printed as one line (``error: ...``) with exit code 2, not a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from qgraph.errors import QGraphError
+
+
+def _add_infer(sub) -> None:
+    p = sub.add_parser("infer", help="export, compile and generate; prints text and latency stats")
+    p.add_argument("--model", "--model-name", dest="model", required=True, help="hub id or local directory")
+    p.add_argument("--prompt", action="append", required=True, help="repeat for a batch of prompts")
+    p.add_argument("--tokenizer", help="tokenizer id or directory (default: the model's)")
+    p.add_argument("--gguf-file", help="load weights (and tokenizer) from this GGUF file inside --model")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
+    p.add_argument("--prompt-len", type=int, default=32, help="prefill chunk length (prefill_seq_len)")
+    p.add_argument("--ctx-len", type=int, default=128)
+    p.add_argument("--generation-len", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--backend", default="ort")
+    p.add_argument("--num-cores", type=int, default=None, help="cores to compile for (targets that use it)")
+    p.add_argument("--precision", default="float32")
+    p.add_argument("--passes", help="override the backend's pipeline: a,b,c or a JSON/YAML file")
+    p.add_argument("--stream", action="store_true", help="print the first prompt's text as it is generated")
+    p.add_argument("--cache-dir", type=Path, default=None)
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="backend option, e.g. mxfp6_matmul=true (values parsed as JSON when they can be)",
+    )
+
+
+def _parse_options(pairs: list[str]) -> dict:
+    options = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise QGraphError(f"--option expects KEY=VALUE, got {pair!r}")
+        key, value = pair.split("=", 1)
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+def cmd_infer(args) -> int:
+    from transformers import AutoTokenizer
+
+    from qgraph.api import QEFFAutoModelForCausalLM
+
+    hf_kwargs = {"gguf_file": args.gguf_file} if args.gguf_file else {}
+    model = QEFFAutoModelForCausalLM.from_pretrained(args.model, cache_dir=args.cache_dir, **hf_kwargs)
+    model.compile(
+        backend=args.backend,
+        prefill_seq_len=args.prompt_len,
+        ctx_len=args.ctx_len,
+        batch_size=args.batch_size,
+        num_cores=args.num_cores,
+        precision=args.precision,
+        passes=args.passes,
+        **_parse_options(args.option),
+    )
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model, **hf_kwargs)
+    prompts = args.prompt
+    if args.chat:
+        prompts = [
+            tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+            for p in prompts
+        ]
+    model.generate(tokenizer, prompts, generation_len=args.generation_len, stream=args.stream)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from qgraph.api import QEFFAutoModelForCausalLM
+
+    model = QEFFAutoModelForCausalLM.from_pretrained(args.model, cache_dir=args.cache_dir)
+    path = model.export()
+    if args.output:
+        import onnx_ir as ir
+
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        ir.save(ir.load(path), args.output, external_data=args.output.name + ".data")
+        path = args.output
+    print(path)
+    return 0
+
+
+def cmd_optimize(args) -> int:
+    import onnx_ir as ir
+
+    from qgraph.pass_manager import format_reports, parse_pipeline, run_pipeline
+
+    if not args.input.is_file():
+        raise QGraphError(f"ONNX file {args.input} does not exist")
+    specs = parse_pipeline(args.passes)
+    if not specs:
+        raise QGraphError("no passes given: --passes a,b,c or a pipeline file")
+    model = ir.load(args.input)
+    verify = None
+    if args.verify:
+        from qgraph.verify import max_abs_diff_on_ort
+
+        verify = max_abs_diff_on_ort
+    reports = run_pipeline(model, specs, verify=verify)
+    print(format_reports(reports))
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    ir.save(model, args.output, external_data=args.output.name + ".data")
+    if args.json:
+        args.json.write_text(json.dumps([r.as_dict() for r in reports], indent=2))
+    print(f"wrote {args.output}")
+    return 0
+
+
+def cmd_passes(args) -> int:
+    from qgraph.registry import pass_registry
+
+    for entry in pass_registry():
+        try:
+            summary = getattr(entry.load(), "summary", "") or ""
+        except QGraphError as exc:
+            summary = f"BROKEN: {exc}"
+        print(f"{entry.name:<24} {summary}  [{entry.distribution}]")
+    return 0
+
+
+def cmd_backends(args) -> int:
+    from qgraph.registry import backend_registry
+
+    for entry in backend_registry():
+        try:
+            caps = entry.load().capabilities.as_dict()
+            detail = ", ".join(f"{k}={v}" for k, v in caps.items())
+        except QGraphError as exc:
+            detail = f"BROKEN: {exc}"
+        print(f"{entry.name:<10} [{entry.distribution}] {detail}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qgraph", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_infer(sub)
+    p = sub.add_parser("export", help="export a model to vanilla ONNX (cached); prints the path")
+    p.add_argument("--model", required=True)
+    p.add_argument("-o", "--output", type=Path)
+    p.add_argument("--cache-dir", type=Path, default=None)
+    p = sub.add_parser("optimize", help="run passes on any ONNX file")
+    p.add_argument("input", type=Path)
+    p.add_argument("-o", "--output", type=Path, required=True)
+    p.add_argument("--passes", required=True, help="a,b,c or a JSON/YAML pipeline file")
+    p.add_argument("--json", type=Path, help="write the pass reports as JSON")
+    p.add_argument("--verify", action="store_true", help="measure each pass's max output difference on ORT")
+    sub.add_parser("passes", help="list registered passes")
+    sub.add_parser("backends", help="list registered backends and their capabilities")
+    return parser
+
+
+COMMANDS = {
+    "infer": cmd_infer,
+    "export": cmd_export,
+    "optimize": cmd_optimize,
+    "passes": cmd_passes,
+    "backends": cmd_backends,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except QGraphError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
