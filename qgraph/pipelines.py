@@ -11,9 +11,28 @@ if TYPE_CHECKING:
 
 
 def standard_pipeline(capabilities: Capabilities, options: CompileOptions) -> list[PassSpec]:
-    """Retained-state KV for targets that keep state on the device, then graph cleanup."""
+    """The passes that make a vanilla export ready for a target, each chosen from what the target declares.
+
+    - ``kv-retained-state`` for targets that keep the KV cache on the device (``retained_state``);
+    - ``rmsnorm-fuse`` lowered as the target executes RMSNorm (``rmsnorm_lowering``; none for ``"decomposed"``);
+    - ``layernorm-gelu`` with ORT's fused Gelu kernels where the target executes the ``com.microsoft`` domain;
+    - ``fp16-clip`` where the target computes in float16: asked for (``precision="float16"``), or a target without
+      float32 (its compiler converts a float32 graph itself, e.g. Cloud AI 100's ``-convert-to-fp16``);
+    - ``fp16-convert`` where float16 is asked for and the target runs the graph's own types (it accepts float32 too,
+      so nothing else would convert);
+    - ``cleanup`` last.
+    """
     specs = []
     if capabilities.retained_state:
         specs.append(PassSpec("kv-retained-state", {"ctx_len": options.ctx_len}))
+    if capabilities.rmsnorm_lowering != "decomposed":
+        specs.append(PassSpec("rmsnorm-fuse", {"lowering": capabilities.rmsnorm_lowering}))
+    if "com.microsoft" in capabilities.domains:
+        specs.append(PassSpec("layernorm-gelu", {"gelu": "com.microsoft"}))
+    float16 = options.precision == "float16"
+    if float16 or "float32" not in capabilities.dtypes:
+        specs.append(PassSpec("fp16-clip"))
+    if float16 and "float32" in capabilities.dtypes:
+        specs.append(PassSpec("fp16-convert"))
     specs.append(PassSpec("cleanup"))
     return specs
