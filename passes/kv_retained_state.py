@@ -6,13 +6,20 @@ Turns a vanilla decoder export (``past_key_values.{i}.key|value`` grown by ``Con
 - inputs ``input_ids``, ``position_ids`` (-1 = padding), ``past_key.{i}`` / ``past_value.{i}`` of static length
   ``ctx_len``; outputs ``logits``, ``past_key.{i}_RetainedState`` / ``past_value.{i}_RetainedState``;
 - each ``Concat(past, new, axis=-2)`` becomes ``ScatterElements(past, position_ids, new, axis=2)``. Position -1
-  writes to the last slot, which no query attends until decode reaches it (and writes it first);
-- the attention mask is rebuilt from ``position_ids`` (key slot ``k`` is visible to a query at position ``p`` iff
-  ``k <= p``), so padding queries see nothing and nothing sees padding;
+  (padding) writes zeros to the last slot, which no query attends until decode reaches it (and writes it first);
+- every attention mask is rebuilt from ``position_ids``: key slot ``k`` is visible to a query at position ``p`` iff
+  ``k <= p`` and, for a sliding-window mask of window ``w``, ``k > p - w``. So padding queries see nothing and
+  nothing sees padding. Which masks exist and which window each keeps is *measured*: the part of the graph that
+  computes each mask is run once on ONNX Runtime with a known ``attention_mask`` and the pattern read off its output
+  (causal, sliding window, or something the pass names and refuses);
+- a value computed from ``attention_mask`` that is not a mask but a bias per key (ALiBi built from the mask's
+  cumulative sum) keeps its computation and reads an all-ones ``[batch, ctx_len]`` ``attention_mask``: in the
+  retained buffer slot ``k`` holds position ``k``, which is what such a bias assumes of an unpadded sequence;
 - the graph's own length arithmetic (``past_len + seq_len`` from ``Shape`` reads of the past inputs) is kept
-  consistent by making those reads report a virtual past length ``ctx_len - seq_len``: total length = ``ctx_len``.
+  consistent by making those reads report a virtual past length ``ctx_len - seq_len``: total length = ``ctx_len``;
+- a graph without a ``position_ids`` input (models whose forward takes none) gets one: the contract needs it.
 
-Everything is found by graph structure: the pass names no model and fails with what it did not find.
+Everything is found by graph structure and measurement: the pass names no model and fails with what it did not find.
 """
 
 from __future__ import annotations
@@ -26,11 +33,12 @@ from onnx_ir.passes import PostconditionError, PreconditionError
 from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
 from qgraph.graph_utils import (
+    SHAPE_ONLY_OPS,
     attr_int,
     const,
     consumers,
     data_dependents,
-    float_min,
+    evaluate,
     input_by_name,
     prepend,
     replace_all_uses,
@@ -108,6 +116,174 @@ def find_mask_values(graph: ir.Graph, attention_mask: ir.Value, input_ids: ir.Va
     return list(frontier)
 
 
+def find_shape_masks(graph: ir.Graph, attention_mask: ir.Value, input_ids: ir.Value) -> list[ir.Value]:
+    """Candidate masks computed from tensor *shapes* alone, where they meet the attention computation.
+
+    Some models build (part of) their mask from a constant causal table sliced by ``past_len`` and ``seq_len`` (local
+    attention windows, older causal buffers). Under retained state those lengths are virtual, so such a mask must be
+    rebuilt from ``position_ids`` too. Candidates are boolean or float values read next to something computed from
+    ``input_ids`` whose data depends on no graph input, only on ``Shape`` reads; measuring them
+    (``classify_attention_terms``) tells masks from everything else of that kind.
+    """
+    from_ids = data_dependents(graph, [input_ids])
+    from_inputs = data_dependents(graph, list(graph.inputs))
+    shape_reads = [out for node in graph if node.op_type in SHAPE_ONLY_OPS for out in node.outputs]
+    from_shapes = data_dependents(graph, shape_reads)
+    kinds = {ir.DataType.BOOL, ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
+    found: dict[ir.Value, None] = {}
+    for node in graph:
+        if not any(v in from_ids for v in node.inputs if v is not None):
+            continue
+        for v in node.inputs:
+            if v is not None and v in from_shapes and v not in from_inputs and v.dtype in kinds:
+                if v.shape is None or v.shape.rank() >= 2:
+                    found[v] = None
+    return [v for v in found if v is not attention_mask]
+
+
+# Additive masks hide a key with a large negative number (HF: the dtype's minimum; older code: -1e4 or -1e9).
+_HIDDEN_BELOW = -1.0e4
+
+
+@dataclass
+class AttentionTerm:
+    """A value computed from ``attention_mask`` or from shapes alone (not from ``input_ids``) where it meets the
+    model's activations.
+
+    ``kind`` is ``"mask"`` (hides keys: boolean, or additive 0 / ``hidden``) or ``"key_bias"`` (a float added per key,
+    the same for every query, e.g. ALiBi). A mask with a ``window`` hides keys ``window`` or more positions back.
+    """
+
+    value: ir.Value
+    kind: str
+    window: int | None = None
+    hidden: float | None = None  # additive masks: the value that hides a key
+    padding_only: bool = False  # hides nothing when nothing is padding: causality comes from elsewhere (or nowhere)
+
+
+def probe_feeds(graph: ir.Graph, seq_len: int, past_len: int) -> dict[str, np.ndarray]:
+    """Inputs of a vanilla decoder for one unpadded row: ``seq_len`` new tokens after ``past_len`` cached ones."""
+    feeds: dict[str, np.ndarray] = {}
+    total = past_len + seq_len
+    for value in graph.inputs:
+        name, dtype = value.name or "", value.dtype.numpy() if value.dtype is not None else np.int64
+        if name == "input_ids":
+            feeds[name] = np.zeros((1, seq_len), dtype)
+        elif name == "position_ids":
+            feeds[name] = np.arange(past_len, total, dtype=dtype)[None]
+        elif name == "attention_mask":
+            feeds[name] = np.ones((1, total), dtype)
+        elif VANILLA_PAST.match(name) and value.shape is not None:
+            dims = [d if isinstance(d, int) else 1 for d in value.shape.dims]
+            dims[-2] = past_len
+            feeds[name] = np.zeros(dims, dtype)
+    return feeds
+
+
+def _ranges(row: np.ndarray) -> str:
+    """``[0..3, 7]``: the visible key slots of one mask row, as ranges."""
+    keys, parts, start = np.flatnonzero(row).tolist(), [], None
+    for i, k in enumerate(keys):
+        start = k if start is None else start
+        if i + 1 == len(keys) or keys[i + 1] != k + 1:
+            parts.append(f"{start}..{k}" if k > start else f"{k}")
+            start = None
+    return "[" + ", ".join(parts) + "]"
+
+
+def _mask_window(value: ir.Value, visible: np.ndarray, past_len: int) -> int | None:
+    """The sliding window of a mask (None: plain causal), from its visible keys ``[rows, seq | 1, total]``.
+
+    An all-visible mask (padding only, causality applied elsewhere) counts as causal: its replacement adds the
+    causality the rest of the graph can no longer compute from virtual lengths.
+    """
+    seq_len = visible.shape[2] - past_len
+    if visible.all():
+        return None
+    if visible.shape[1] != seq_len:
+        raise PreconditionError(
+            f"attention mask {value.name} has {visible.shape[1]} query rows for {seq_len} queries; a mask that "
+            "does not vary by query cannot be rebuilt from position_ids"
+        )
+    if not (visible == visible[:1]).all():
+        raise PreconditionError(f"attention mask {value.name} differs between heads or batch rows of one sequence")
+    keys = np.arange(visible.shape[2])
+    windows, full_rows, fits = set(), [], True
+    for i, row in enumerate(visible[0]):
+        q = past_len + i
+        causal = keys <= q
+        if (row == causal).all():
+            full_rows.append(q)
+            continue
+        w = int(row.sum())
+        fits = fits and w >= 1 and bool((row == (causal & (keys > q - w))).all())
+        windows.add(w)
+    if not fits or len(windows) > 1 or windows and any(q + 1 > min(windows) for q in full_rows):
+        seen = "; ".join(
+            f"the query at position {past_len + i} sees keys {_ranges(r)}" for i, r in enumerate(visible[0])
+        )
+        raise PreconditionError(
+            f"attention mask {value.name} is neither causal nor one causal sliding window ({seen}); the pass can "
+            "only rebuild those two patterns from position_ids"
+        )
+    return windows.pop() if windows else None
+
+
+def classify_attention_terms(
+    model: ir.Model, values: list[ir.Value], ctx_len: int, seq_len: int = 2, optional: frozenset = frozenset()
+) -> list[AttentionTerm]:
+    """Measure what each ``attention_mask``-derived value is, by computing it for one row of ``ctx_len`` tokens.
+
+    Probing at total length ``ctx_len`` (the last ``seq_len`` tokens as queries) shows exactly the windows that cut
+    inside the retained buffer: a window of ``ctx_len`` or more never hides a slot and is plain causal here.
+    Values in ``optional`` (shape-derived candidates) are left out when they turn out not to span the key axis.
+    """
+    seq_len = min(seq_len, ctx_len - 1)
+    past_len = ctx_len - seq_len
+    if not values:
+        return []
+    try:
+        arrays = evaluate(model, values, probe_feeds(model.graph, seq_len, past_len))
+    except Exception as exc:  # ORT or a missing feed: say which values could not be measured
+        names = ", ".join(v.name or "?" for v in values)
+        raise PreconditionError(
+            f"could not compute the attention-mask values {names} for one row of {ctx_len} tokens: {exc}"
+        ) from None  # the pass manager reports a chained cause instead of this message
+    terms = []
+    for value, array in zip(values, arrays, strict=True):
+        array = np.asarray(array)
+        if array.ndim < 2 or array.shape[-1] != ctx_len or array.shape[-2] not in (1, seq_len):
+            if value in optional:
+                continue
+            raise PreconditionError(
+                f"value {value.name} is computed from attention_mask and meets the activations, but its last axis "
+                f"is not the key axis (probe shape {array.shape} for {ctx_len} keys); the pass knows masks and "
+                "per-key biases only"
+            )
+        rows = array.reshape(-1, *array.shape[-2:])
+        if array.dtype == np.bool_:
+            terms.append(AttentionTerm(value, "mask", _mask_window(value, rows, past_len), padding_only=rows.all()))
+            continue
+        hidden = rows <= _HIDDEN_BELOW
+        if hidden.any() or not rows.any():  # all zeros: an additive mask that hides nothing here
+            hidden_value = float(rows.min()) if hidden.any() else float(np.finfo(rows.dtype).min)
+            if not ((rows == 0) | (rows == hidden_value)).all():
+                raise PreconditionError(
+                    f"value {value.name} mixes a mask (entries {hidden_value:g}) with a bias (other non-zero "
+                    "entries); the pass rebuilds masks and keeps per-key biases, but not both in one value"
+                )
+            window = _mask_window(value, rows == 0, past_len)
+            terms.append(AttentionTerm(value, "mask", window, hidden_value, padding_only=(rows == 0).all()))
+        elif (rows == rows[:, :1]).all():
+            terms.append(AttentionTerm(value, "key_bias"))
+        else:
+            raise PreconditionError(
+                f"value {value.name} is a bias computed from attention_mask that differs between queries; only a "
+                "bias per key (the same for every query, like ALiBi) can be kept without attention_mask"
+            )
+    return terms
+
+
 class KVRetainedState(GraphPass):
     """Vanilla KV Concat -> fixed ``ctx_len`` buffers scattered at ``position_ids``; mask from ``position_ids``."""
 
@@ -119,9 +295,9 @@ class KVRetainedState(GraphPass):
             raise ValueError(f"ctx_len must be at least 2, got {ctx_len}")
         self.ctx_len = int(ctx_len)
 
-    def _graph_inputs(self, graph: ir.Graph) -> tuple[ir.Value, ir.Value, ir.Value]:
+    def _graph_inputs(self, graph: ir.Graph) -> tuple[ir.Value, ir.Value, ir.Value | None]:
         found = {name: input_by_name(graph, name) for name in ("input_ids", "attention_mask", "position_ids")}
-        missing = [name for name, value in found.items() if value is None]
+        missing = [name for name in ("input_ids", "attention_mask") if found[name] is None]
         if missing:
             raise PreconditionError(
                 f"graph has no input {', '.join(missing)} (inputs: {', '.join(v.name or '?' for v in graph.inputs)})"
@@ -142,26 +318,57 @@ class KVRetainedState(GraphPass):
         graph = model.graph
         input_ids, attention_mask, position_ids = self._graph_inputs(graph)
         appends = find_kv_appends(graph)
-        masks = find_mask_values(graph, attention_mask, input_ids)
+        from_mask = find_mask_values(graph, attention_mask, input_ids)
+        from_shapes = find_shape_masks(graph, attention_mask, input_ids)
+        terms = classify_attention_terms(model, from_mask + from_shapes, self.ctx_len, optional=frozenset(from_shapes))
+        shape_biases = [t for t in terms if t.kind == "key_bias" and t.value in from_shapes]
+        terms = [t for t in terms if t not in shape_biases]  # a per-key bias from shapes is already right
+        masks = [t for t in terms if t.kind == "mask"]
+        if not masks:
+            raise PreconditionError(
+                "no attention mask among the values computed from attention_mask: "
+                + ", ".join(f"{t.value.name} ({t.kind})" for t in terms)
+            )
+        if all(t.padding_only for t in masks):
+            raise PreconditionError(
+                "no causal attention mask: every mask ("
+                + ", ".join(t.value.name or "?" for t in masks)
+                + ") lets each query see every key of an unpadded sequence, i.e. the model attends bidirectionally; "
+                "retained-state decoding needs a causal decoder"
+            )
+        if position_ids is None:
+            position_ids = self._add_position_ids(graph, input_ids)
         shape_reads = self._virtualise_past_shape_reads(graph, input_ids, [a.past for a in appends])
         self._replace_masks(graph, masks, position_ids)
+        real = self._real_tokens(graph, position_ids)
         for append in appends:
-            self._scatter_instead_of_concat(graph, append, position_ids)
-        still_reading = consumers(attention_mask)
+            self._scatter_instead_of_concat(graph, append, position_ids, real)
         RemoveUnusedNodesPass()(model)
-        still_reading = consumers(attention_mask)
-        if still_reading:
-            raise PostconditionError(
-                "attention_mask is still read by "
-                + ", ".join(f"{n.op_type}({n.name})" for n in still_reading)
-                + " after the mask was rebuilt from position_ids; this graph uses attention_mask in a way the pass "
-                "does not understand"
-            )
+        ones_reads = self._read_attention_mask_as_ones(graph, attention_mask, input_ids)
         graph.inputs.remove(attention_mask)
         TopologicalSortPass()(model)
-        return self.result(model, kv_scatters=len(appends), masks_rebuilt=len(masks), shape_reads=shape_reads)
+        windows = sorted({t.window for t in masks if t.window is not None})
+        return self.result(
+            model,
+            kv_scatters=len(appends),
+            masks_rebuilt=len(masks),
+            windowed_masks=sum(t.window is not None for t in masks),
+            key_biases=sum(t.kind == "key_bias" for t in terms),
+            shape_masks=sum(t.value in from_shapes for t in masks),
+            attention_mask_as_ones=ones_reads,
+            shape_reads=shape_reads,
+            **({"window": windows[0]} if len(windows) == 1 else {}),
+        )
 
-    # -- the three rewrites -------------------------------------------------------------------------------------
+    # -- the rewrites -------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _add_position_ids(graph: ir.Graph, input_ids: ir.Value) -> ir.Value:
+        """Models whose forward takes no position_ids still get the contract's input (used by the masks and KV)."""
+        shape = ir.Shape(list(input_ids.shape.dims)) if input_ids.shape is not None else None
+        value = ir.Value(name="position_ids", type=ir.TensorType(ir.DataType.INT64), shape=shape)
+        graph.inputs.insert(graph.inputs.index(input_ids) + 1, value)
+        return value
 
     def _virtualise_past_shape_reads(self, graph: ir.Graph, input_ids: ir.Value, pasts: list[ir.Value]) -> int:
         """``Shape(past)`` reports ``[.., ctx_len - seq_len, ..]`` so ``past_len + seq_len`` equals ``ctx_len``."""
@@ -189,30 +396,76 @@ class KVRetainedState(GraphPass):
         prepend(graph, new_nodes)
         return len(reads)
 
-    def _replace_masks(self, graph: ir.Graph, masks: list[ir.Value], position_ids: ir.Value) -> None:
-        """Each mask becomes ``key_slot <= query_position`` in the mask's own form (boolean or additive)."""
+    def _replace_masks(self, graph: ir.Graph, masks: list[AttentionTerm], position_ids: ir.Value) -> None:
+        """Each mask becomes ``p - window < key_slot <= p`` in the mask's own form (boolean or additive)."""
         slots = const(np.arange(self.ctx_len, dtype=np.int64), name="kv_slot_positions")
         axes = const([1, 3], np.int64)
         query = ir.node("Unsqueeze", [position_ids, axes.outputs[0]])  # [b, 1, s, 1]
-        visible = ir.node("LessOrEqual", [slots.outputs[0], query.outputs[0]])  # [b, 1, s, ctx_len]
-        visible.outputs[0].name = "kv_visible"
-        new_nodes = [slots, axes, query, visible]
-        additive: dict[ir.DataType, ir.Value] = {}
-        for mask in masks:
+        causal = ir.node("LessOrEqual", [slots.outputs[0], query.outputs[0]])  # [b, 1, s, ctx_len]
+        causal.outputs[0].name = "kv_visible"
+        new_nodes = [slots, axes, query, causal]
+        visible: dict[int | None, ir.Value] = {None: causal.outputs[0]}
+        replacements: dict[tuple, ir.Value] = {}
+        for term in masks:
+            if term.window not in visible:
+                window = const(np.array(term.window, np.int64))
+                oldest = ir.node("Sub", [query.outputs[0], window.outputs[0]])
+                inside = ir.node("Greater", [slots.outputs[0], oldest.outputs[0]])
+                both = ir.node("And", [causal.outputs[0], inside.outputs[0]])
+                both.outputs[0].name = f"kv_visible_window_{term.window}"
+                new_nodes += [window, oldest, inside, both]
+                visible[term.window] = both.outputs[0]
+            mask = term.value
             if mask.dtype == ir.DataType.BOOL:
-                replace_all_uses(mask, visible.outputs[0])
+                replace_all_uses(mask, visible[term.window])
                 continue
-            if mask.dtype not in additive:
+            key = (term.window, mask.dtype, term.hidden)
+            if key not in replacements:
                 zero = const(np.zeros((), mask.dtype.numpy()))
-                blocked = const(np.array(float_min(mask.dtype), mask.dtype.numpy()))
-                where = ir.node("Where", [visible.outputs[0], zero.outputs[0], blocked.outputs[0]])
-                where.outputs[0].name = f"kv_additive_mask_{mask.dtype.name.lower()}"
+                blocked = const(np.array(term.hidden, mask.dtype.numpy()))
+                where = ir.node("Where", [visible[term.window], zero.outputs[0], blocked.outputs[0]])
+                suffix = f"_window_{term.window}" if term.window is not None else ""
+                where.outputs[0].name = f"kv_additive_mask_{mask.dtype.name.lower()}{suffix}"
                 new_nodes += [zero, blocked, where]
-                additive[mask.dtype] = where.outputs[0]
-            replace_all_uses(mask, additive[mask.dtype])
+                replacements[key] = where.outputs[0]
+            replace_all_uses(mask, replacements[key])
         prepend(graph, new_nodes)
 
-    def _scatter_instead_of_concat(self, graph: ir.Graph, append: KVAppend, position_ids: ir.Value) -> None:
+    def _read_attention_mask_as_ones(self, graph: ir.Graph, attention_mask: ir.Value, input_ids: ir.Value) -> int:
+        """What still reads attention_mask (per-key biases) reads ``ones[batch, ctx_len]``: slot k holds position k."""
+        readers = consumers(attention_mask)
+        if not readers:
+            return 0
+        batch = ir.node("Shape", [input_ids], attributes={"start": 0, "end": 1})
+        length = const([self.ctx_len], np.int64)
+        shape = ir.node("Concat", [batch.outputs[0], length.outputs[0]], attributes={"axis": 0})
+        one = ir.tensor(np.ones((1,), attention_mask.dtype.numpy()))
+        ones = ir.node("ConstantOfShape", [shape.outputs[0]], attributes={"value": one})
+        ones.outputs[0].name = "attention_mask_all_slots"
+        prepend(graph, [batch, length, shape, ones])
+        replace_all_uses(attention_mask, ones.outputs[0])
+        return len(readers)
+
+    @staticmethod
+    def _real_tokens(graph: ir.Graph, position_ids: ir.Value) -> ir.Value:
+        """``position_ids >= 0`` as ``[b, 1, s, 1]``: which rows of a step are tokens, not padding."""
+        zero = const(np.array(0, np.int64))
+        real = ir.node("GreaterOrEqual", [position_ids, zero.outputs[0]])
+        axes = const([1, 3], np.int64)
+        shaped = ir.node("Unsqueeze", [real.outputs[0], axes.outputs[0]])
+        shaped.outputs[0].name = "kv_real_tokens"
+        prepend(graph, [zero, real, axes, shaped])
+        return shaped.outputs[0]
+
+    def _scatter_instead_of_concat(
+        self, graph: ir.Graph, append: KVAppend, position_ids: ir.Value, real: ir.Value
+    ) -> None:
+        """Scatter the step's K or V at its positions; padding rows write zeros.
+
+        A padding row computes garbage, and can compute inf/NaN (a zero pad embedding through an RMSNorm whose epsilon
+        the exporter dropped). Its slot is masked, but a masked slot still enters ``probs @ V`` as ``0 * value``, and
+        ``0 * NaN`` is NaN: zeros keep every masked slot harmless.
+        """
         past, concat = append.past, append.concat
         past.name = RETAINED_INPUT.format(kind=append.kind, layer=append.layer)
         if past.shape is not None:
@@ -223,12 +476,14 @@ class KVRetainedState(GraphPass):
         where_to = ir.node("Unsqueeze", [position_ids, axes.outputs[0]])  # [b, 1, s, 1]
         new_shape = ir.node("Shape", [append.new])
         indices = ir.node("Expand", [where_to.outputs[0], new_shape.outputs[0]])
-        scatter = ir.node("ScatterElements", [past, indices.outputs[0], append.new], attributes={"axis": 2})
+        nothing = const(np.zeros((), (append.new.dtype or past.dtype).numpy()))
+        written = ir.node("Where", [real, append.new, nothing.outputs[0]])
+        scatter = ir.node("ScatterElements", [past, indices.outputs[0], written.outputs[0]], attributes={"axis": 2})
         old_out = concat.outputs[0]
         out = scatter.outputs[0]
         out.name = None
         out.dtype, out.shape = past.dtype, past.shape
-        graph.insert_after(concat, [axes, where_to, new_shape, indices, scatter])
+        graph.insert_after(concat, [axes, where_to, new_shape, indices, nothing, written, scatter])
         replace_all_uses(old_out, out)
         if old_out.is_graph_output():
             graph.outputs[graph.outputs.index(old_out)] = out

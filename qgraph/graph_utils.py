@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -66,3 +66,71 @@ def prepend(graph: ir.Graph, nodes: Sequence[ir.Node]) -> None:
 def float_min(dtype: ir.DataType) -> float:
     """The most negative finite value of a float type: what HF uses for "masked"."""
     return float(np.finfo(dtype.numpy()).min)
+
+
+def backward_cone(values: Iterable[ir.Value]) -> set[ir.Node]:
+    """Every node some of ``values`` is computed from (their producers, transitively)."""
+    cone: set[ir.Node] = set()
+    stack = [v.producer() for v in values]
+    while stack:
+        node = stack.pop()
+        if node is None or node in cone:
+            continue
+        cone.add(node)
+        stack.extend(v.producer() for v in node.inputs if v is not None)
+    return cone
+
+
+def evaluate(model: ir.Model, values: Sequence[ir.Value], feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    """Compute ``values`` of ``model`` on ONNX Runtime, running only the nodes they depend on.
+
+    A pass uses this to read facts off a graph that are easier to measure than to pattern-match (e.g. which keys an
+    attention mask lets each query see). ``feeds`` must hold every graph input those nodes read; the initializers they
+    read are copied, nothing else is. The model itself is not changed, except that unnamed values in the cone get a
+    name (ONNX protobuf wires nodes by name).
+    """
+    import onnx
+    import onnxruntime as ort
+
+    graph = model.graph
+    cone = backward_cone(values)
+    nodes = [n for n in graph if n in cone]
+    read: dict[ir.Value, None] = {}
+    for node in nodes:
+        for v in node.inputs:
+            if v is not None:
+                read[v] = None
+    for i, node in enumerate(nodes):
+        for j, v in enumerate(node.outputs):
+            if not v.name:
+                v.name = f"_qgraph_eval_{i}_{j}"
+    inputs = [v for v in graph.inputs if v in read]
+    missing = [v.name for v in inputs if v.name not in feeds]
+    if missing:
+        raise ValueError(f"evaluate: no feed for graph input(s) {', '.join(map(str, missing))}")
+    initializers = []
+    for v in read:
+        if v.producer() is not None or v in inputs:
+            continue
+        if v.const_value is None:
+            raise ValueError(f"evaluate: value {v.name} has no producer, is no graph input and holds no constant")
+        # through numpy: an initializer stored as external data must travel with its bytes
+        tensor = ir.serde.serialize_tensor(ir.tensor(v.const_value.numpy(), name=v.name))
+        initializers.append(tensor)
+    proto = onnx.helper.make_model(
+        onnx.helper.make_graph(
+            [ir.serde.serialize_node(n) for n in nodes],
+            "evaluate",
+            [ir.serde.serialize_value(v) for v in inputs],
+            [onnx.helper.make_empty_tensor_value_info(v.name) for v in values],
+            initializers,
+        ),
+        opset_imports=[onnx.helper.make_opsetid(domain, version) for domain, version in model.opset_imports.items()],
+        ir_version=model.ir_version,
+    )
+    proto.functions.extend(ir.serde.serialize_function(f) for f in model.functions.values())
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run([v.name for v in values], {v.name: feeds[v.name] for v in inputs})
