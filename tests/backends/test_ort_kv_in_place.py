@@ -1,0 +1,50 @@
+"""The ORT session updates each KV buffer in place (one OrtValue bound as the scatter's input and output) when the
+graph allows it, and gives exactly the tokens of the two-buffer ping-pong it replaces."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+from qgraph.backends.ort import _scatters_in_place
+
+from qgraph import QEFFAutoModelForCausalLM
+from qgraph.runtime import greedy_generate
+from tests.parity import LONG_PROMPT, MY_NAME
+
+
+@pytest.fixture(scope="module")
+def compiled(tiny_model_dir, cache_dir):
+    qg = QEFFAutoModelForCausalLM.from_pretrained(str(tiny_model_dir("llama")), cache_dir=cache_dir, verbose=False)
+    qg.compile(prefill_seq_len=8, ctx_len=64, batch_size=2)
+    return qg
+
+
+def test_retained_state_graph_is_updated_in_place(compiled):
+    session = compiled.artifact.load()
+    assert session.in_place
+    session.reset(2)
+    assert all(a is b for a, b in zip(session._current, session._next, strict=True)), "one buffer per state"
+
+
+def test_in_place_and_ping_pong_give_the_same_tokens(compiled, tokenizer):
+    rows = [tokenizer(p)["input_ids"] for p in (MY_NAME, LONG_PROMPT)]  # two lengths, two prefill chunks
+    in_place = compiled.artifact.load()
+    ping_pong = compiled.artifact.load()
+    ping_pong.in_place = False
+    a, _, _ = greedy_generate(in_place, rows, 2, 20, set())
+    b, _, _ = greedy_generate(ping_pong, rows, 2, 20, set())
+    assert a == b
+    again, _, _ = greedy_generate(in_place, rows, 2, 20, set())  # reset really clears the shared buffers
+    assert again == a
+
+
+def test_a_second_reader_of_a_buffer_forbids_sharing(compiled, tmp_path):
+    model = onnx.load(str(compiled.onnx_path), load_external_data=False)
+    name = next(i.name for i in model.graph.input if i.name.startswith("past_"))
+    model.graph.node.append(onnx.helper.make_node("Identity", [name], ["extra_reader"]))
+    model.graph.output.append(onnx.helper.make_tensor_value_info("extra_reader", onnx.TensorProto.FLOAT, None))
+    path = tmp_path / "two_readers.onnx"
+    onnx.save(model, str(path))
+    states = [i.name for i in model.graph.input if i.name.startswith("past_")]
+    assert _scatters_in_place(compiled.onnx_path, states)
+    assert not _scatters_in_place(path, states)
