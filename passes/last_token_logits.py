@@ -1,0 +1,104 @@
+"""Compute the LM head only for each row's last valid token: ``logits`` becomes ``[b, 1, V]``.
+
+Why: greedy decoding reads one logits row per sequence, but a vanilla graph projects every prompt position onto the
+vocabulary. For a 128-token SmolLM2 prefill that is 128 x 576 x 49152 multiply-adds (~7 GFLOP, most of the prefill)
+and a 25 MB output, all thrown away but one row.
+
+How: on the retained-state contract the last valid token of a row in a chunk is the one with the largest
+``position_ids`` (padding is -1, right-aligned), so the hidden state entering the LM head is reduced with
+``GatherND(hidden, ArgMax(position_ids, axis=1), batch_dims=1)`` before the head. Element-wise ops between the head and
+the output (logit scaling, soft-capping) follow the smaller shape unchanged.
+
+Contract change (hence an option, not a default by itself): ``logits`` is ``[b, 1, V]`` for every sequence length.
+A runtime must read ``logits[:, 0]`` (row i's last valid token) when ``s > 1``; decode (``s = 1``) is unchanged. The
+ORT backend accepts both shapes (see ``backends/ort.py``).
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+from onnx_ir.passes import PreconditionError
+
+from qgraph.pass_manager import CountedResult, GraphPass
+
+HEAD_OPS = {("", "MatMul"), ("ai.onnx", "MatMul"), ("com.microsoft", "MatMulNBits")}
+# Ops allowed between the LM head and the logits output: shape-agnostic element-wise ops on the head's result.
+PASS_THROUGH = {"Add", "Mul", "Div", "Sub", "Tanh", "Cast", "Identity", "Softcap"}
+MARK = "last_token_logits"
+
+
+def _is_const(value: ir.Value | None) -> bool:
+    return value is not None and value.const_value is not None
+
+
+def find_lm_head(graph: ir.Graph) -> ir.Node | None:
+    """The MatMul (or MatMulNBits) with a constant weight from which ``logits`` is computed element-wise."""
+    logits = next((o for o in graph.outputs if o.name == "logits"), None)
+    node = logits.producer() if logits is not None else None
+    while node is not None:
+        if (node.domain, node.op_type) in HEAD_OPS:
+            weight = node.inputs[1]
+            if _is_const(weight) or (
+                weight is not None and weight.producer() is not None and weight.producer().op_type == "Transpose"
+            ):
+                return node
+            return None
+        if node.op_type not in PASS_THROUGH:
+            return None
+        # follow the non-constant operand
+        dynamic = [v for v in node.inputs if v is not None and not _is_const(v)]
+        if len(dynamic) != 1 or dynamic[0].producer() is None:
+            return None
+        node = dynamic[0].producer()
+    return None
+
+
+class LastTokenLogits(GraphPass):
+    """Gather each row's last valid hidden state before the LM head (``logits`` -> ``[b, 1, V]``)."""
+
+    name = "last-token-logits"
+    summary = "LM head on each row's last valid token only (largest position_ids); logits [b, 1, V]"
+
+    def requires(self, model: ir.Model) -> None:
+        names = {v.name for v in model.graph.inputs}
+        if "position_ids" not in names or "attention_mask" in names:
+            raise PreconditionError("needs the retained-state contract (position_ids input, no attention_mask)")
+
+    def call(self, model: ir.Model) -> CountedResult:
+        graph = model.graph
+        head = find_lm_head(graph)
+        if head is None:
+            raise PreconditionError("no LM head found: 'logits' is not a constant-weight MatMul (+ element-wise ops)")
+        if head.name.endswith(MARK) or any(n.name.startswith(MARK) for n in graph):
+            return self.result(model, gathered=0)  # already applied
+        hidden = head.inputs[0]
+        position_ids = next(v for v in graph.inputs if v.name == "position_ids")
+        argmax = ir.node("ArgMax", [position_ids], {"axis": 1, "keepdims": 1}, name=f"{MARK}_argmax")
+        gather = ir.node("GatherND", [hidden, argmax.outputs[0]], {"batch_dims": 1}, name=f"{MARK}_gather")
+        axes = ir.Value(name=f"{MARK}_axes", shape=ir.Shape([1]), type=ir.TensorType(ir.DataType.INT64))
+        axes.const_value = ir.tensor([1], dtype=ir.DataType.INT64, name=axes.name)
+        graph.register_initializer(axes)
+        unsqueeze = ir.node("Unsqueeze", [gather.outputs[0], axes], name=f"{MARK}_unsqueeze")
+        graph.insert_before(head, [argmax, gather, unsqueeze])
+        head.replace_input_with(0, unsqueeze.outputs[0])
+        if hidden.shape is not None and len(hidden.shape) == 3:
+            unsqueeze.outputs[0].shape = ir.Shape([hidden.shape[0], 1, hidden.shape[2]])
+            unsqueeze.outputs[0].type = hidden.type
+        logits = next(o for o in graph.outputs if o.name == "logits")
+        if logits.shape is not None and len(logits.shape) == 3:
+            logits.shape = ir.Shape([logits.shape[0], 1, logits.shape[2]])
+        # downstream intermediate shapes were inferred for [b, s, V]: clear them, ORT infers again
+        node = logits.producer()
+        while node is not None and node is not head:
+            for out in node.outputs:
+                if out is not logits:
+                    out.shape = None
+            dynamic = [v for v in node.inputs if v is not None and not _is_const(v)]
+            node = dynamic[0].producer() if dynamic else None
+        head.outputs[0].shape = None if head.outputs[0] is not logits else head.outputs[0].shape
+        return self.result(model, gathered=1)
+
+    def ensures(self, model: ir.Model) -> None:
+        logits = next(o for o in model.graph.outputs if o.name == "logits")
+        if logits.shape is not None and len(logits.shape) == 3 and logits.shape[1] != 1:
+            raise ValueError(f"logits shape is {logits.shape}, expected [b, 1, V]")

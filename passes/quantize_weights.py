@@ -1,0 +1,219 @@
+"""Weight-only blockwise quantization of every constant-weight MatMul/Gemm into ONNX Runtime's ``MatMulNBits``.
+
+Why: batch-1 decode reads every weight once per token, so on a memory-bound CPU it runs at ``weight bytes /
+bandwidth``. 4-bit blocks (plus one scale and zero point per block) cut the bytes ~7x, 8-bit ~3.8x. Activations stay
+float32; with ``accuracy_level=4`` ORT computes the product in int8 blocks (VNNI / AMX where the CPU has them).
+
+The weights are quantized by ONNX Runtime's own code (``DefaultWeightOnlyQuantizer.qbits_block_quant``, the C++
+``quantize_matmul_{4,8}bits`` kernels its ``MatMulNBitsQuantizer`` uses), applied here on the in-memory IR so no
+protobuf round trip of the whole model is needed. Matched forms (``W`` a float32 initializer):
+
+- ``MatMul(A, W)`` with ``W`` ``[K, N]``;
+- ``MatMul(A, Transpose(W))`` with ``W`` ``[N, K]`` -- the tied LM head of GPT-2 / SmolLM2 (the embedding table
+  stays for the ``Gather``; only the head reads the quantized copy);
+- ``Gemm(A, W, C)`` with ``alpha = beta = 1``, ``transA = 0``, either ``transB``, ``C`` a 1-D bias (bias becomes
+  ``MatMulNBits``'s bias input).
+
+The LM head (the MatMul that ``logits`` is computed from) gets ``head_bits`` (8 by default), as llama.cpp's own
+files keep ``token_embd``/``output`` at Q8_0 while the blocks are 4-bit: on SmolLM2 a 4-bit head moves the logits by
+half their range, an 8-bit one by ~4%.
+
+``float_zero_points=True`` stores 4-bit asymmetric blocks the way llama.cpp's Q4_1 does, ``w = scale * q + min`` with
+the block's own min/max, as MatMulNBits's float zero point ``-min / scale`` (ORT's integer zero point has to round
+``min`` onto the scale grid). On weights that came from a Q4_1 file (SmolLM2 here) it reproduces them exactly, but
+ONNX Runtime 1.32's CPU kernel has no fast path for float zero points (~10x slower decode), so it is off by default.
+Likewise ``accuracy_level=0`` (float activations) is exact-er but ~15x slower than the int8-activation path (4).
+
+Contract: graph inputs/outputs unchanged; only ``com.microsoft`` is added to the opset imports. Idempotent (nothing
+left to match the second time).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from qgraph.pass_manager import CountedResult, GraphPass
+
+MS_DOMAIN = "com.microsoft"
+
+
+def _const(value: ir.Value | None) -> np.ndarray | None:
+    if value is None or value.const_value is None or not value.is_initializer():
+        return None
+    return value.const_value.numpy()
+
+
+def _attr(node: ir.Node, name: str, default):
+    attr = node.attributes.get(name)
+    return default if attr is None else attr.value
+
+
+class QuantizeWeights(GraphPass):
+    """Constant-weight MatMul/Gemm -> ``com.microsoft.MatMulNBits`` (weight-only, blockwise, 4 or 8 bits)."""
+
+    name = "quantize-weights"
+    summary = "weight-only blockwise int4/int8 quantization of constant MatMul/Gemm weights to MatMulNBits"
+
+    def __init__(
+        self,
+        bits: int = 4,
+        block_size: int = 32,
+        symmetric: bool = False,
+        accuracy_level: int = 4,
+        min_elements: int = 4096,
+        head_bits: int | None = 8,
+        float_zero_points: bool = False,
+    ):
+        for name, value in (("bits", bits), ("head_bits", head_bits if head_bits is not None else bits)):
+            if value not in (4, 8):
+                raise ValueError(f"{name} must be 4 or 8, got {value}")
+        if block_size < 16 or block_size & (block_size - 1):
+            raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
+        self.bits, self.block_size, self.symmetric = bits, block_size, symmetric
+        self.accuracy_level, self.min_elements = accuracy_level, min_elements
+        self.head_bits = bits if head_bits is None else head_bits
+        self.float_zero_points = float_zero_points
+
+    # -- matching -----------------------------------------------------------------------------------------------
+
+    def _weight_kn(self, node: ir.Node) -> tuple[np.ndarray, ir.Value, ir.Value | None] | None:
+        """The ``[K, N]`` float32 weight of ``node`` (plus the initializer it came from and a bias), or None."""
+        if node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+            return None
+        b = node.inputs[1]
+        bias = None
+        if node.op_type == "MatMul":
+            w = _const(b)
+            if w is not None:
+                return (w, b, None) if w.ndim == 2 else None
+            producer = b.producer() if b is not None else None
+            if producer is not None and producer.op_type == "Transpose" and producer.domain in ("", "ai.onnx"):
+                src = producer.inputs[0]
+                w = _const(src)
+                perm = _attr(producer, "perm", None)
+                if w is not None and w.ndim == 2 and (perm is None or list(perm) == [1, 0]):
+                    return w.T, src, None
+            return None
+        if node.op_type == "Gemm":
+            if _attr(node, "alpha", 1.0) != 1.0 or _attr(node, "beta", 1.0) != 1.0 or _attr(node, "transA", 0):
+                return None
+            w = _const(b)
+            if w is None or w.ndim != 2:
+                return None
+            if len(node.inputs) > 2 and node.inputs[2] is not None:
+                bias = node.inputs[2]
+                c = _const(bias)
+                if c is None or c.ndim != 1:
+                    return None
+            return (w.T if _attr(node, "transB", 0) else w), b, bias
+        return None
+
+    # -- rewriting ----------------------------------------------------------------------------------------------
+
+    def _quantize(self, w_kn: np.ndarray, bits: int):
+        if bits == 4 and self.float_zero_points and not self.symmetric:
+            return self._quantize_min_max(w_kn)
+        from onnxruntime.quantization.matmul_nbits_quantizer import (
+            DefaultWeightOnlyQuantConfig,
+            DefaultWeightOnlyQuantizer,
+        )
+
+        config = DefaultWeightOnlyQuantConfig(block_size=self.block_size, is_symmetric=self.symmetric, bits=bits)
+        return DefaultWeightOnlyQuantizer(config).qbits_block_quant(np.ascontiguousarray(w_kn, dtype=np.float32))
+
+    def _quantize_min_max(self, w_kn: np.ndarray):
+        """4-bit blocks along K per output column: q = round((w - min) / scale), zero point -min / scale (float)."""
+        k, n = w_kn.shape
+        blocks = -(-k // self.block_size)
+        w = np.zeros((n, blocks * self.block_size), np.float32)
+        w[:, :k] = w_kn.T
+        w[:, k:] = w[:, k - 1 : k]  # padding repeats a real value: it never widens a block's range
+        w = w.reshape(n, blocks, self.block_size)
+        low, high = w.min(-1), w.max(-1)
+        scale = ((high - low) / 15).astype(np.float32)
+        scale[scale == 0] = 1.0
+        q = np.clip(np.rint((w - low[..., None]) / scale[..., None]), 0, 15).astype(np.uint8)
+        packed = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+        return packed, scale, (-low / scale).astype(np.float32)
+
+    def call(self, model: ir.Model) -> CountedResult:
+        from qgraph.passes.last_token_logits import find_lm_head
+
+        graph = model.graph
+        head = find_lm_head(graph)
+        quantized = skipped = 0
+        bytes_before = bytes_after = 0
+        for node in list(graph):
+            found = self._weight_kn(node)
+            if found is None:
+                continue
+            w_kn, source, bias = found
+            if w_kn.dtype != np.float32 or w_kn.size < self.min_elements:
+                skipped += 1
+                continue
+            k, n = w_kn.shape
+            bits = self.head_bits if node is head else self.bits
+            packed, scales, zero_points = self._quantize(w_kn, bits)
+            base = source.name or node.name
+            inputs = [
+                node.inputs[0],
+                graph.initializers.get(f"{base}_Q{bits}") or self._init(graph, f"{base}_Q{bits}", packed),
+                graph.initializers.get(f"{base}_scales") or self._init(graph, f"{base}_scales", scales.reshape(-1)),
+            ]
+            if not self.symmetric:
+                zp_name = f"{base}_zero_points"
+                inputs.append(graph.initializers.get(zp_name) or self._init(graph, zp_name, zero_points.reshape(-1)))
+            else:
+                inputs.append(None)
+            if bias is not None:
+                inputs += [None, bias]  # g_idx unused; bias at input 5
+            while inputs and inputs[-1] is None:
+                inputs.pop()
+            attributes = [
+                ir.AttrInt64("K", k),
+                ir.AttrInt64("N", n),
+                ir.AttrInt64("bits", bits),
+                ir.AttrInt64("block_size", self.block_size),
+            ]
+            if self.accuracy_level:
+                attributes.append(ir.AttrInt64("accuracy_level", self.accuracy_level))
+            new = ir.Node(MS_DOMAIN, "MatMulNBits", inputs, attributes, name=f"{node.name}_MatMulNBits")
+            new.outputs[0].shape = node.outputs[0].shape
+            new.outputs[0].type = node.outputs[0].type
+            ir.convenience.replace_nodes_and_values(graph, node, [node], [new], node.outputs, new.outputs)
+            quantized += 1
+            bytes_before += w_kn.nbytes
+            bytes_after += packed.nbytes + scales.nbytes + (0 if self.symmetric else zero_points.nbytes)
+        if quantized:
+            model.opset_imports.setdefault(MS_DOMAIN, 1)
+            self._drop_unused(graph)
+        return self.result(
+            model,
+            quantized=quantized,
+            skipped_small=skipped,
+            weight_mib_before=round(bytes_before / 2**20),
+            weight_mib_after=round(bytes_after / 2**20),
+        )
+
+    @staticmethod
+    def _init(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+        value = ir.Value(
+            name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype))
+        )
+        value.const_value = ir.tensor(array, name=name)
+        graph.register_initializer(value)
+        return value
+
+    @staticmethod
+    def _drop_unused(graph: ir.Graph) -> None:
+        """Remove the float weights (and Transposes of tied heads) nothing reads any more."""
+        changed = True
+        while changed:
+            changed = False
+            for node in reversed(list(graph)):
+                if all(not out.uses() and not out.is_graph_output() for out in node.outputs):
+                    graph.remove(node, safe=True)
+                    changed = True
+        for name in [n for n, v in graph.initializers.items() if not v.uses() and not v.is_graph_output()]:
+            del graph.initializers[name]

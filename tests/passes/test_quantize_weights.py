@@ -1,0 +1,196 @@
+"""quantize-weights: every constant-weight MatMul/Gemm (tied LM head included) becomes MatMulNBits, nothing else does,
+logits stay close, the pass is idempotent, and greedy decoding through the ORT backend still works."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from qgraph.passes.quantize_weights import QuantizeWeights
+
+from qgraph import QEFFAutoModelForCausalLM
+from qgraph.pass_manager import PassSpec, op_histogram, run_pipeline
+from tests.parity import MY_NAME
+
+CTX = 32
+# Linear layers of the tiny models (tests/tiny_models.py): GPT-2 has c_attn, c_proj, c_fc, mlp.c_proj per layer plus
+# the tied LM head (MatMul over Transpose(wte)); Llama has q, k, v, o, gate, up, down per layer plus lm_head.
+LINEARS = {"gpt2": 2 * 4 + 1, "llama": 2 * 7 + 1}
+
+
+@pytest.fixture(scope="module")
+def retained_state(tiny_model_dir, cache_dir):
+    """``retained_state(arch)`` -> a fresh in-memory retained-state model (vanilla export cached per arch)."""
+    exports = {}
+
+    def build(arch: str) -> ir.Model:
+        if arch not in exports:
+            qg = QEFFAutoModelForCausalLM.from_pretrained(str(tiny_model_dir(arch)), cache_dir=cache_dir, verbose=False)
+            exports[arch] = qg.export()
+        model = ir.load(exports[arch])
+        run_pipeline(model, [PassSpec("kv-retained-state", {"ctx_len": CTX}), PassSpec("cleanup")])
+        return model
+
+    return build
+
+
+def _logits(model: ir.Model, tmp_path, name: str) -> np.ndarray:
+    path = tmp_path / f"{name}.onnx"
+    ir.save(model, path, external_data=f"{name}.onnx.data")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feeds = {
+        "input_ids": np.array([[5, 9, 17, 33, 41, 2]], np.int64),
+        "position_ids": np.arange(6)[None].astype(np.int64),
+    }
+    for i in session.get_inputs():
+        if i.name.startswith("past_"):
+            feeds[i.name] = np.zeros([1, *i.shape[1:]], np.float32)
+    return session.run(["logits"], feeds)[0]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_every_linear_layer_becomes_matmulnbits(retained_state, arch):
+    model = retained_state(arch)
+    [report] = run_pipeline(model, [PassSpec("quantize-weights", {"bits": 4, "min_elements": 0})])
+    assert report.counts["quantized"] == LINEARS[arch]
+    hist = op_histogram(model)
+    assert hist["com.microsoft::MatMulNBits"] == LINEARS[arch]
+    assert hist["Gemm"] == 0
+    assert hist["MatMul"] == 2 * 2, "only attention's two activation MatMuls per layer stay float"
+    assert report.counts["weight_mib_after"] <= report.counts["weight_mib_before"]
+
+
+def test_activation_matmuls_are_left_alone():
+    a = ir.Value(name="a", shape=ir.Shape([2, 64]), type=ir.TensorType(ir.DataType.FLOAT))
+    b = ir.Value(name="b", shape=ir.Shape([64, 64]), type=ir.TensorType(ir.DataType.FLOAT))
+    node = ir.node("MatMul", [a, b])
+    node.outputs[0].name = "y"
+    graph = ir.Graph([a, b], node.outputs, nodes=[node], opset_imports={"": 20})
+    model = ir.Model(graph, ir_version=10)
+    result = QuantizeWeights(min_elements=0)(model)
+    assert result.counts["quantized"] == 0 and not result.modified
+    assert [n.op_type for n in model.graph] == ["MatMul"]
+
+
+def _single_op_model(form: str, w: np.ndarray, bias: np.ndarray) -> ir.Model:
+    """``y = x @ W (+ b)`` written the three ways exporters write it."""
+    k, n = w.shape
+    x = ir.Value(name="x", shape=ir.Shape([4, k]), type=ir.TensorType(ir.DataType.FLOAT))
+    inits = []
+
+    def const(name, array):
+        value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.FLOAT))
+        value.const_value = ir.tensor(array, name=name)
+        inits.append(value)
+        return value
+
+    if form == "matmul":
+        nodes = [ir.node("MatMul", [x, const("w", w)])]
+    elif form == "tied-head":
+        transpose = ir.node("Transpose", [const("w_nk", np.ascontiguousarray(w.T))], attributes={"perm": [1, 0]})
+        nodes = [transpose, ir.node("MatMul", [x, transpose.outputs[0]])]
+    else:  # gemm with transB and bias
+        nodes = [ir.node("Gemm", [x, const("w_nk", np.ascontiguousarray(w.T)), const("b", bias)], {"transB": 1})]
+    out = nodes[-1].outputs[0]
+    out.name, out.type = "y", ir.TensorType(ir.DataType.FLOAT)
+    graph = ir.Graph([x], [out], nodes=nodes, initializers=inits, opset_imports={"": 20})
+    return ir.Model(graph, ir_version=10)
+
+
+# Gaussian weights: one 8-bit step is ~1/60 of a block's spread, a 4-bit step ~1/4 -> rms errors ~0.5% and ~8%.
+@pytest.mark.parametrize(("bits", "rms_tolerance"), [(8, 0.01), (4, 0.12)])
+@pytest.mark.parametrize("accuracy_level", [0, 4])
+@pytest.mark.parametrize("form", ["matmul", "tied-head", "gemm"])
+def test_each_form_computes_the_same_product(tmp_path, form, bits, accuracy_level, rms_tolerance):
+    rng = np.random.default_rng(0)
+    w = rng.normal(0, 0.02, (256, 96)).astype(np.float32)
+    bias = rng.normal(0, 0.5, 96).astype(np.float32) if form == "gemm" else np.zeros(96, np.float32)
+    x = rng.normal(0, 1, (4, 256)).astype(np.float32)
+    model = _single_op_model(form, w, bias)
+    result = QuantizeWeights(bits=bits, accuracy_level=accuracy_level, min_elements=0)(model)
+    assert result.counts["quantized"] == 1
+    assert [n.op_type for n in model.graph] == ["MatMulNBits"]
+    assert len(model.graph.initializers) == (4 if form == "gemm" else 3), "float weight dropped, bias kept"
+    ir.save(model, tmp_path / "m.onnx")
+    y = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"x": x})[0]
+    reference = x @ w + bias
+    assert np.sqrt(((y - reference) ** 2).mean() / (reference**2).mean()) < rms_tolerance
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_int8_keeps_tiny_model_logits_close(retained_state, tmp_path, arch):
+    """Tiny random models (init 0.2) amplify weight error layer by layer; int8 still keeps their argmax."""
+    reference = _logits(retained_state(arch), tmp_path, "fp32")
+    model = retained_state(arch)
+    run_pipeline(model, [PassSpec("quantize-weights", {"bits": 8, "accuracy_level": 0, "min_elements": 0})])
+    quantized = _logits(model, tmp_path, "int8")
+    assert np.abs(quantized - reference).max() / np.abs(reference).max() < 0.05
+    assert (quantized.argmax(-1) == reference.argmax(-1)).mean() >= 0.8
+
+
+def test_idempotent(retained_state):
+    model = retained_state("gpt2")
+    run_pipeline(model, [PassSpec("quantize-weights", {"min_elements": 0})])
+    nodes = model.graph.num_nodes()
+    [again] = run_pipeline(model, [PassSpec("quantize-weights", {"min_elements": 0})])
+    assert again.counts["quantized"] == 0 and model.graph.num_nodes() == nodes
+
+
+def test_small_weights_are_skipped_by_default(retained_state):
+    model = retained_state("llama")
+    [report] = run_pipeline(model, [PassSpec("quantize-weights", {"min_elements": 10**9})])
+    assert report.counts["quantized"] == 0 and report.counts["skipped_small"] == LINEARS["llama"]
+
+
+def test_bad_options_are_refused():
+    with pytest.raises(ValueError, match="bits"):
+        QuantizeWeights(bits=3)
+    with pytest.raises(ValueError, match="block_size"):
+        QuantizeWeights(block_size=24)
+
+
+def test_int8_pipeline_generates_through_the_ort_backend(tiny_model_dir, cache_dir, tokenizer, tmp_path):
+    pipeline = tmp_path / "int8.json"
+    pipeline.write_text(
+        '[{"name": "kv-retained-state", "options": {"ctx_len": 64}},'
+        ' {"name": "quantize-weights", "options": {"bits": 8, "min_elements": 0}}, "cleanup"]'
+    )
+    qg = QEFFAutoModelForCausalLM.from_pretrained(str(tiny_model_dir("llama")), cache_dir=cache_dir, verbose=False)
+    qg.compile(prefill_seq_len=8, ctx_len=64)
+    reference = qg.generate(tokenizer, [MY_NAME], generation_len=12, verbose=False).generated_ids
+    qg.compile(prefill_seq_len=8, ctx_len=64, passes=str(pipeline))
+    assert "com.microsoft::MatMulNBits" in {f"{n.domain}::{n.op_type}" for n in ir.load(qg.onnx_path).graph}
+    quantized = qg.generate(tokenizer, [MY_NAME], generation_len=12, verbose=False).generated_ids
+    assert len(quantized[0]) == 12
+    assert quantized[0][:4] == reference[0][:4]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_lm_head_keeps_8_bits_under_4_bit_blocks(retained_state, arch):
+    model = retained_state(arch)
+    run_pipeline(model, [PassSpec("quantize-weights", {"bits": 4, "min_elements": 0})])
+    logits = next(o for o in model.graph.outputs if o.name == "logits")
+    nbits = {n.name: n.attributes["bits"].value for n in model.graph if n.op_type == "MatMulNBits"}
+    head = logits.producer()
+    while head.op_type != "MatMulNBits":
+        head = next(v for v in head.inputs if v is not None and v.const_value is None).producer()
+    assert nbits.pop(head.name) == 8
+    assert set(nbits.values()) == {4}
+
+
+def test_float_zero_points_reproduce_q4_1_blocks_exactly(tmp_path):
+    """Weights of the form scale * q + min per 32-block (a dequantized Q4_1 file) come back exactly."""
+    rng = np.random.default_rng(0)
+    k, n, block = 256, 64, 32
+    q = rng.integers(0, 16, (n, k // block, block))
+    q[..., 0], q[..., 1] = 0, 15  # every block spans the full range, as Q4_1 blocks do
+    scale = rng.uniform(1e-3, 1e-2, (n, k // block, 1))
+    low = rng.uniform(-0.05, 0.0, (n, k // block, 1))
+    w = (scale * q + low).reshape(n, k).T.astype(np.float32)  # [K, N]
+    model = _single_op_model("matmul", w, np.zeros(n, np.float32))
+    QuantizeWeights(bits=4, float_zero_points=True, min_elements=0)(model)
+    ir.save(model, tmp_path / "m.onnx")
+    x = rng.normal(0, 1, (4, k)).astype(np.float32)
+    y = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"x": x})[0]
+    np.testing.assert_allclose(y, x @ w, rtol=1e-5, atol=1e-5)
