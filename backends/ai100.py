@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import ClassVar
 
 import onnx_ir as ir
+
+from qgraph.backend_api import Capabilities, CompileOptions
 from qgraph.backends.ai100_bundle import (
     BUNDLE_FORMAT,
     BUNDLE_OPTIONS,
@@ -32,8 +34,6 @@ from qgraph.backends.ai100_bundle import (
     write_bundle,
     write_manifest,
 )
-
-from qgraph.backend_api import Capabilities, CompileOptions
 from qgraph.errors import BackendUnavailableError, QGraphError
 from qgraph.pass_manager import PassSpec
 from qgraph.pipelines import standard_pipeline

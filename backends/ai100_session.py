@@ -87,7 +87,10 @@ class QAICDecoderSession:
         self.index = {b.name: b.index for b in self.bindings}
         self.dtype = {b.name: dtypes[b.type] for b in self.bindings}
         self.outputs = {b.name for b in self.bindings if b.dir == aicapi.BUFFER_IO_TYPE_OUTPUT}
-        self.vocab_size = int(list(self.bindings[self.index["logits"]].dims)[-1])
+        logits_dims = list(self.bindings[self.index["logits"]].dims)
+        self.vocab_size = int(logits_dims[-1])
+        # [b, 1, V] in the program: the graph keeps only each row's last valid token (last-token-logits)
+        self.last_token_logits = len(logits_dims) == 3 and int(logits_dims[1]) == 1
         self.kv_names = [b.name for b in self.bindings if b.name.startswith("past_")]
         self.buffers = [qaicrt.QBuffer(bytes(b.size)) for b in self.bindings]
         self.dims = qaicrt.BufferDimensionsVecRef([(dtypes[b.type].itemsize, list(b.dims)) for b in self.bindings])
@@ -107,9 +110,10 @@ class QAICDecoderSession:
     def run(self, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
         ok = self._rt.QStatus.QS_SUCCESS
         batch, seq = input_ids.shape
+        rows = 1 if self.last_token_logits else seq
         self._bind("input_ids", np.ascontiguousarray(input_ids, dtype=self.dtype["input_ids"]))
         self._bind("position_ids", np.ascontiguousarray(position_ids, dtype=self.dtype["position_ids"]))
-        self._bind("logits", np.zeros((batch, seq, self.vocab_size), dtype=self.dtype["logits"]))
+        self._bind("logits", np.zeros((batch, rows, self.vocab_size), dtype=self.dtype["logits"]))
         start = time.perf_counter()
         if self.exec_obj.setData(self.buffers, self.dims) != ok:
             raise QGraphError("Cloud AI 100 runtime rejected the buffers (setData)")
@@ -125,4 +129,4 @@ class QAICDecoderSession:
         if status != ok:
             raise QGraphError("Cloud AI 100 runtime could not return the outputs (getData)")
         logits = np.frombuffer(bytes(out[self.index["logits"]]), dtype=self.dtype["logits"])
-        return logits.reshape(batch, seq, self.vocab_size).astype(np.float32, copy=False)
+        return logits.reshape(batch, rows, self.vocab_size).astype(np.float32, copy=False)

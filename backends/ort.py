@@ -107,22 +107,7 @@ class OrtDecoderSession:
         if not self.in_place:
             self._current, self._next = self._next, self._current
             self._bind_state()
-        logits = logits.numpy().astype(np.float32, copy=False)
-        if logits.shape[1] == 1 and input_ids.shape[1] > 1:
-            logits = _spread_last_token_logits(logits, position_ids)
-        return logits
-
-
-def _spread_last_token_logits(logits: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
-    """``[b, 1, V]`` logits of each row's last valid token (``last-token-logits`` pass) -> the ``[b, s, V]`` the
-    ``DecoderSession`` contract promises, with that row at its last valid position and zeros elsewhere.
-
-    ``np.zeros`` maps untouched zero pages, so only the b written rows cost memory traffic.
-    """
-    batch, seq = position_ids.shape
-    out = np.zeros((batch, seq, logits.shape[-1]), dtype=logits.dtype)
-    out[np.arange(batch), np.asarray(position_ids).argmax(axis=1)] = logits[:, 0]
-    return out
+        return logits.numpy().astype(np.float32, copy=False)
 
 
 def _scatters_in_place(model_path: Path, state_names: list[str]) -> bool:
@@ -169,8 +154,9 @@ class OrtBackend:
         static_shapes=False,
         retained_state=True,
         rmsnorm_lowering="ort-fused",
-        dtypes=frozenset({"float32", "float16"}),
+        dtypes=frozenset({"float32", "float16", "int8", "int4"}),
         domains=frozenset({"", "com.microsoft"}),
+        graph_speedups=True,
     )
     used_options: ClassVar[frozenset[str]] = frozenset({"session_options", "providers"})
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RUNNERS = HERE / "runners"
-PEERS_DIR = Path(os.environ.get("QGRAPH_PEERS_DIR", "/work/peers"))
+DEFAULT_PEERS_DIR = Path("/work/peers")  # where benchmarks/setup_peers.sh puts the peers' venvs by default
 
 # A fixed English passage; prompts are its first N tokens (batch rows start at different sentences).
 PASSAGE = (
@@ -63,8 +63,8 @@ class Peer:
     job: dict = field(default_factory=dict)
 
 
-def peers() -> dict[str, Peer]:
-    venv = lambda name: str(PEERS_DIR / name / "bin" / "python")  # noqa: E731
+def peers(peers_dir: Path = DEFAULT_PEERS_DIR) -> dict[str, Peer]:
+    venv = lambda name: str(peers_dir / name / "bin" / "python")  # noqa: E731
     table = [
         Peer("hf", "run_hf.py", "main", "fp32", "HF transformers eager (PyTorch)"),
         Peer("qgraph", "run_qgraph.py", "main", "fp32", "qgraph ORT float32", job={"precision": "float32"}),
@@ -119,35 +119,6 @@ def prompt_rows(model_dir: Path, batch: int, length: int) -> list[list[int]]:
             raise SystemExit(f"passage too short for {length} tokens")
         rows.append(ids[:length])
     return rows
-
-
-# Passes the ORT default pipeline should include (asked of the pipeline's owner); added explicitly until it does.
-SPEED_PASSES = ("grouped-query-matmul", "merge-parallel-matmuls", "rotary-embedding", "last-token-logits")
-
-
-def qgraph_pipeline(precision: str, ctx_len: int) -> list[dict] | None:
-    """None when the ORT backend's default pipeline already is the fast one for ``precision``; else that pipeline.
-
-    Until the default ORT pipeline includes ``last-token-logits`` and maps ``compile(precision=...)`` to
-    ``quantize-weights``, the benchmark passes the default pipeline with those passes inserted before the final
-    cleanup, as an explicit pipeline (and says so in the results).
-    """
-    from qgraph.backends.ort import OrtBackend
-
-    from qgraph.backend_api import CompileOptions
-
-    specs = OrtBackend().pipeline(CompileOptions(ctx_len=ctx_len, precision=precision))
-    names = [s.name for s in specs]
-    wanted = [{"name": n, "options": {}} for n in SPEED_PASSES if n not in names]
-    bits = {"int8": 8, "int4": 4}.get(precision)
-    if bits is not None and "quantize-weights" not in names:
-        wanted.append({"name": "quantize-weights", "options": {"bits": bits}})
-    if not wanted:
-        return None
-    explicit = [{"name": s.name, "options": dict(s.options)} for s in specs]
-    at = names.index("cleanup") if "cleanup" in names else len(explicit)
-    explicit[at:at] = wanted
-    return explicit
 
 
 def machine_info() -> dict:
@@ -479,6 +450,9 @@ def plot(data: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="gpt2,smollm2")
+    parser.add_argument(
+        "--peers-dir", type=Path, default=DEFAULT_PEERS_DIR, help="the venvs benchmarks/setup_peers.sh made"
+    )
     parser.add_argument("--settings", default=",".join(SETTINGS))
     parser.add_argument("--peers", default=DEFAULT_PEERS, help=f"any of {','.join(peers())}")
     parser.add_argument("--new-tokens", type=int, default=128)
@@ -507,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.bandwidth import read_bandwidth_gbs
     from benchmarks.gguf_convert import convert
 
-    table = peers()
+    table = peers(args.peers_dir)
     chosen = [table[p] for p in args.peers.split(",") if p]
     settings = [s for s in args.settings.split(",") if s]
     model_names = [m for m in args.models.split(",") if m]
@@ -527,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     for m in model_names:
         if any(p.name == "llamacpp-f32" for p in chosen):
             path, seconds, error = convert(
-                model_dirs[m], args.work_dir / "gguf" / f"{m}-f32.gguf", PEERS_DIR / "llama.cpp-convert"
+                model_dirs[m], args.work_dir / "gguf" / f"{m}-f32.gguf", args.peers_dir / "llama.cpp-convert"
             )
             ggufs[(m, "fp32")], gguf_seconds[(m, "fp32")] = path, seconds
             if error:
@@ -558,10 +532,8 @@ def main(argv: list[str] | None = None) -> int:
                         "cache_dir": str(qcache),
                         **peer.job,
                     }
-                    if peer.runner == "run_qgraph.py":
-                        precision = peer.job["precision"]
-                        job["compile"] = {"precision": precision}
-                        job["pipeline"] = qgraph_pipeline(precision, args.ctx_len)
+                    if peer.runner == "run_qgraph.py":  # the ORT backend's default pipeline for this precision
+                        job["compile"] = {"precision": peer.job["precision"]}
                     if peer.runner == "run_llamacpp.py":
                         gguf = ggufs.get((m, peer.precision))
                         job["gguf"] = str(gguf) if gguf else None
@@ -573,8 +545,6 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     t0 = time.perf_counter()
                     result = run_job(peer, job, args.timeout)
-                    if peer.runner == "run_qgraph.py" and job["pipeline"] is not None:
-                        result["explicit_pipeline"] = job["pipeline"]
                     if peer.runner == "run_llamacpp.py":
                         result["export_s"] = gguf_seconds.get((m, peer.precision))
                     status = result.get("status")
@@ -658,17 +628,6 @@ def main(argv: list[str] | None = None) -> int:
                     )
             info["settings"][s] = rows
         data["models"][m] = info
-    if any(r.get("explicit_pipeline") for r in results.values()):
-        pipelines = {p: r["explicit_pipeline"] for (_, _, p), r in results.items() if r.get("explicit_pipeline")}
-        for peer_name, pipeline in sorted(pipelines.items()):
-            text = " → ".join(
-                s["name"] + (f"({', '.join(f'{k}={v}' for k, v in s['options'].items())})" if s["options"] else "")
-                for s in pipeline
-            )
-            notes.append(
-                f"{peer_name} ran an explicit pipeline (the ORT default with the speed passes added, "
-                f"not yet wired to compile(precision=...)): {text}"
-            )
     notes.append(
         "qgraph rows are timed in qgraph's own runtime loop (the one `generate` runs) with no EOS stop; TTFT = "
         "prefill + first argmax. For batch > 1 HF/optimum cannot stream, so their TTFT is a separate 1-token generate."

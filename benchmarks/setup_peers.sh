@@ -2,15 +2,16 @@
 # Installs the benchmark's peers from the package registries (nothing by hand). Peers are optional: one that fails to
 # install is reported by the harness as skipped.
 #
-#   bash benchmarks/setup_peers.sh [all|main|llamacpp|optimum]
+#   bash benchmarks/setup_peers.sh [all|main|llamacpp|optimum] [PEERS_DIR]
 #
 # - main:     matplotlib (plots), sentencepiece (GGUF converter) and onnxruntime-genai (peer; same onnxruntime as qgraph) into the current venv
 # - llamacpp: llama-cpp-python, compiled from source (~9 min on 2 cores, niced), in its own venv; plus llama.cpp's
 #             convert_hf_to_gguf.py and gguf-py taken from the same sdist, to make f32 GGUF files from HF weights
 # - optimum:  optimum-onnx in its own venv (it pins transformers 4.57)
-# Venvs live in $QGRAPH_PEERS_DIR (default /work/peers), outside the repository.
+# Venvs live in PEERS_DIR (default /work/peers), outside the repository; give the same directory to
+# `python -m benchmarks.run --peers-dir`.
 set -uo pipefail
-PEERS="${QGRAPH_PEERS_DIR:-/work/peers}"
+PEERS="${2:-/work/peers}"
 PY="${PYTHON:-python3}"
 LLAMA_CPP_PYTHON="llama-cpp-python==0.3.36"
 OPTIMUM_ONNX="optimum-onnx==0.1.0"

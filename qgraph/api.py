@@ -167,15 +167,17 @@ class QEFFAutoModelForCausalLM:
         ignored = unused_options(target, explicit)
         if ignored and self.verbose:
             print(f"qgraph: note: backend {backend!r} does not use {', '.join(ignored)} (ignored)", file=sys.stderr)
-        specs = None
         if passes is not None:
             specs = parse_pipeline(passes) if isinstance(passes, str) else [PassSpec(p) for p in passes]
+        else:
+            specs = target.pipeline(options)  # before the export: a request the target refuses fails at once
         vanilla = self.export()
         self.artifact = compile_onnx(
             vanilla, self.source_key, target, options, self.cache_dir, specs, verbose=self.verbose
         )
-        if self.artifact.reused and self.verbose:
-            print(f"qgraph: reusing compiled artifact {self.artifact.directory}", file=sys.stderr)
+        if self.verbose:
+            verb = "reusing compiled artifact" if self.artifact.reused else "compiled artifact written to"
+            print(f"qgraph: {verb} {self.artifact.directory}", file=sys.stderr)
         self._session = None
         return self.artifact.directory
 

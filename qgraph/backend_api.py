@@ -28,6 +28,8 @@ class Capabilities:
     dtypes: frozenset[str]  # compute dtypes it accepts, e.g. {"float32", "float16"}
     domains: frozenset[str] = frozenset({""})  # ONNX op domains it executes ("" = standard ONNX)
     custom_functions: frozenset[str] = frozenset()  # custom-op functions it recognises, e.g. {"CustomRMSNorm"}
+    # runs the graph much as written (no graph compiler of its own), so qgraph's speed rewrites pay off on it
+    graph_speedups: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -81,7 +83,10 @@ class DecoderSession(Protocol):
         """Start a new generation for ``batch_size`` rows (KV buffers cleared)."""
 
     def run(self, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
-        """Feed ``[b, s]`` tokens at ``[b, s]`` positions (-1 = padding); return float32 logits ``[b, s, V]``."""
+        """Feed ``[b, s]`` tokens at ``[b, s]`` positions (-1 = padding); return float32 logits.
+
+        ``[b, s, V]``, or ``[b, 1, V]`` holding each row's last valid token only (the ``last-token-logits`` pass).
+        """
 
 
 class Backend(Protocol):

@@ -122,7 +122,7 @@ def run_pipeline(
         if progress:
             progress(f"pass {spec.name} ...")
         before_hist = op_histogram(model)
-        before_copy = ir.from_proto(ir.to_proto(model)) if verify else None
+        before_copy = model.clone() if verify else None
         start = time.perf_counter()
         try:
             result = graph_pass(model)

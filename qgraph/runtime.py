@@ -72,7 +72,8 @@ def _prefill(session: DecoderSession, rows: list[list[int]], pad_token_id: int) 
         logits = session.run(ids, pos)
         for i, length in enumerate(lengths):
             if length and (length - 1) // chunk == c:
-                last_logits[i] = logits[i, (length - 1) % chunk]
+                # [b, 1, V]: the graph kept only each row's last valid token (last-token-logits)
+                last_logits[i] = logits[i, 0] if logits.shape[1] == 1 else logits[i, (length - 1) % chunk]
     vocab = next(x for x in last_logits if x is not None).shape[-1]
     return np.stack([x if x is not None else np.zeros(vocab, np.float32) for x in last_logits])
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 MY_NAME = "My name is"
-# 17 words: with prefill_seq_len 8 this prompt is prefilled in two chunks.
+# 17 words (17+ tokens): with prefill_seq_len 8 this prompt is prefilled in three chunks, so chunking is exercised.
 LONG_PROMPT = "the capital of france is a city on the river and one two three four five six"
 NEW_TOKENS = 24
 

@@ -27,13 +27,13 @@ import onnx
 import onnx_ir as ir
 import pytest
 from onnx_ir.passes import PreconditionError
-from qgraph.backends.ort import OrtDecoderSession
-from qgraph.passes.kv_retained_state import classify_attention_terms
 
 from qgraph import QEFFAutoModelForCausalLM
+from qgraph.backends.ort import OrtDecoderSession
 from qgraph.errors import QGraphError
 from qgraph.export import probe_kv_layout
 from qgraph.graph_utils import const
+from qgraph.passes.kv_retained_state import classify_attention_terms
 from qgraph.runtime import greedy_generate
 from tests.parity import LONG_PROMPT, MY_NAME, NEW_TOKENS, hf_greedy
 from tests.support_matrix import describe, record

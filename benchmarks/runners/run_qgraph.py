@@ -6,9 +6,7 @@ fed the job's token ids and with no EOS stop so every peer generates the same nu
 
 from __future__ import annotations
 
-import json
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -45,16 +43,11 @@ def body(job: dict) -> dict:
     t0 = now()
     model.export()
     export_s = now() - t0
-    pipeline_file = None
-    if job.get("pipeline") is not None:  # an explicit pipeline (pass names + options), as a pipeline file
-        pipeline_file = Path(tempfile.mkdtemp()) / "pipeline.json"
-        pipeline_file.write_text(json.dumps(job["pipeline"]))
     t0 = now()
     model.compile(
         prefill_seq_len=job["prefill_seq_len"],
         ctx_len=job["ctx_len"],
         batch_size=len(rows),
-        passes=str(pipeline_file) if pipeline_file else None,
         **options,
     )
     compile_s = now() - t0

@@ -15,11 +15,11 @@ import onnx
 import onnx_ir as ir
 import pytest
 import yaml
+
+from qgraph.backend_api import CompileOptions
 from qgraph.backends.ai100 import STANDARD_COMPILERS, AI100Backend, find_compiler
 from qgraph.backends.ai100_bundle import BundleSettings, compile_command, option_flag
 from qgraph.backends.ort import OrtDecoderSession
-
-from qgraph.backend_api import CompileOptions
 from qgraph.cli import main
 from qgraph.errors import BackendUnavailableError, QGraphError
 from qgraph.pipelines import standard_pipeline

@@ -10,8 +10,8 @@ from __future__ import annotations
 import sys
 
 import pytest
-from qgraph.backends.ai100_session import QAICDecoderSession
 
+from qgraph.backends.ai100_session import QAICDecoderSession
 from qgraph.errors import QGraphError
 from tests.backends import fake_qaic
 from tests.parity import LONG_PROMPT, MY_NAME, NEW_TOKENS, hf_greedy

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import onnx
 import pytest
-from qgraph.backends.ort import _scatters_in_place
 
 from qgraph import QEFFAutoModelForCausalLM
+from qgraph.backends.ort import _scatters_in_place
 from qgraph.runtime import greedy_generate
 from tests.parity import LONG_PROMPT, MY_NAME
 

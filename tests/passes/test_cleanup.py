@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-from qgraph.passes.cleanup import Cleanup
 
 from qgraph.pass_manager import op_histogram
+from qgraph.passes.cleanup import Cleanup
 from qgraph.verify import max_abs_diff_on_ort
 from tests.passes.conftest import copy, parse, run_twice
 

@@ -8,10 +8,10 @@ import onnx
 import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper
-from qgraph.passes.fp16_clip import FP16Clip
-from qgraph.passes.fp16_convert import FP16Convert
 
 from qgraph.pass_manager import op_histogram
+from qgraph.passes.fp16_clip import FP16Clip
+from qgraph.passes.fp16_convert import FP16Convert
 from qgraph.verify import max_abs_diff_on_ort, run_on_ort
 from tests.passes.conftest import N_LAYERS, copy, parse, run_twice
 

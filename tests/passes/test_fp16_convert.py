@@ -7,10 +7,10 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 from onnx_ir.passes import PreconditionError
-from qgraph.passes.fp16_convert import FP16Convert
 
 from qgraph import QEFFAutoModelForCausalLM
 from qgraph.pass_manager import PassSpec, run_pipeline
+from qgraph.passes.fp16_convert import FP16Convert
 from qgraph.verify import max_abs_diff_on_ort, random_feeds, run_on_ort
 from tests.parity import LONG_PROMPT, MY_NAME, hf_greedy
 from tests.passes.conftest import copy, parse, run_twice

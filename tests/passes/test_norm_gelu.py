@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 import pytest
-from qgraph.passes.norm_gelu import LayerNormGelu
 
 from qgraph.pass_manager import op_histogram
+from qgraph.passes.norm_gelu import LayerNormGelu
 from qgraph.verify import max_abs_diff_on_ort
 from tests.passes.conftest import N_LAYERS, copy, parse, run_twice
 

@@ -7,10 +7,10 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
-from qgraph.passes.quantize_weights import QuantizeWeights
 
 from qgraph import QEFFAutoModelForCausalLM
 from qgraph.pass_manager import PassSpec, op_histogram, run_pipeline
+from qgraph.passes.quantize_weights import QuantizeWeights
 from tests.parity import MY_NAME
 
 CTX = 32

@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 import pytest
-from qgraph.passes.rmsnorm import AI100_DOMAIN, AI100_FUNCTION, RMSNormFusion
 
 from qgraph.pass_manager import PassSpec, op_histogram, run_pipeline
+from qgraph.passes.rmsnorm import AI100_DOMAIN, AI100_FUNCTION, RMSNormFusion
 from qgraph.verify import max_abs_diff_on_ort
 from tests.passes.conftest import N_LAYERS, copy, parse, run_twice
 
