@@ -21,12 +21,16 @@ def _add_infer(sub) -> None:
     p.add_argument("--gguf-file", help="load weights (and tokenizer) from this GGUF file inside --model")
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
     p.add_argument("--prompt-len", type=int, default=32, help="prefill chunk length (prefill_seq_len)")
-    p.add_argument("--ctx-len", type=int, default=128)
-    p.add_argument("--generation-len", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--backend", default="ort")
+    p.add_argument("--ctx-len", type=int, default=128, help="KV buffer length: prompt + generated tokens")
+    p.add_argument("--generation-len", type=int, default=None, help="new tokens (default: until EOS or ctx_len)")
+    p.add_argument("--batch-size", type=int, default=1, help="prompts run together")
+    p.add_argument("--backend", default="ort", help="see `qgraph backends`")
     p.add_argument("--num-cores", type=int, default=None, help="cores to compile for (targets that use it)")
-    p.add_argument("--precision", default="float32")
+    p.add_argument(
+        "--precision",
+        default="float32",
+        help="float32, float16, or weight-only int8 / int4 (MatMulNBits); `qgraph backends` lists each one's dtypes",
+    )
     p.add_argument("--passes", help="override the backend's pipeline: a,b,c or a JSON/YAML file")
     p.add_argument("--stream", action="store_true", help="print the first prompt's text as it is generated")
     p.add_argument("--cache-dir", type=Path, default=None)
