@@ -44,6 +44,13 @@ _BOOL_OPS = frozenset(
     {"Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "And", "Or", "Xor", "Not", "IsNaN", "IsInf"}
 )
 _INT_OPS = frozenset({"Shape", "Size", "ArgMax", "ArgMin", "NonZero", "NonMaxSuppression"})
+# outputs that are a norm's statistics, typed by its stash_type (float32) whatever the input type: they stay float32
+STATISTICS_OUTPUTS = {
+    "LayerNormalization": frozenset({1, 2}),
+    "SimplifiedLayerNormalization": frozenset({1}),
+    "SkipLayerNormalization": frozenset({1, 2}),
+    "SkipSimplifiedLayerNormalization": frozenset({1, 2}),
+}
 
 
 def _is_std(node: ir.Node) -> bool:
@@ -201,8 +208,9 @@ class FP16Convert(GraphPass):
             counts["float32_nodes" if node in keep else "float16_nodes"] += any(o.dtype == F32 for o in node.outputs)
             if precision == F16:
                 self._retype_attributes(node)
-                for out in node.outputs:
-                    if out.dtype == F32:
+                statistics = STATISTICS_OUTPUTS.get(node.op_type, frozenset())
+                for index, out in enumerate(node.outputs):
+                    if out.dtype == F32 and index not in statistics:
                         new_type[out] = F16
         # convert the data of constants that become float16
         for value, dtype in new_type.items():

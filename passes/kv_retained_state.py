@@ -474,7 +474,11 @@ class KVRetainedState(GraphPass):
             past.shape = ir.Shape(dims)
         axes = const([1, 3], np.int64)
         where_to = ir.node("Unsqueeze", [position_ids, axes.outputs[0]])  # [b, 1, s, 1]
-        new_shape = ir.node("Shape", [append.new])
+        # Expand broadcasts [b, 1, s, 1] to the step's [b, heads, s, head_dim]; with the buffer's static heads and
+        # head size the target is a constant [1, heads, 1, head_dim], one for every layer of that geometry (a single
+        # index tensor after CSE) instead of a runtime Shape + Expand per K and V of every layer
+        static = _static_heads_and_head_dim(past)
+        new_shape = const([1, static[0], 1, static[1]], np.int64) if static else ir.node("Shape", [append.new])
         indices = ir.node("Expand", [where_to.outputs[0], new_shape.outputs[0]])
         nothing = const(np.zeros((), (append.new.dtype or past.dtype).numpy()))
         written = ir.node("Where", [real, append.new, nothing.outputs[0]])
@@ -493,6 +497,14 @@ class KVRetainedState(GraphPass):
 
     def ensures(self, model: ir.Model) -> None:
         assert_retained_state_contract(model.graph, self.ctx_len)
+
+
+def _static_heads_and_head_dim(past: ir.Value) -> tuple[int, int] | None:
+    """``(heads, head_dim)`` of a ``[b, heads, ctx, head_dim]`` KV buffer when both are static, else None."""
+    dims = list(past.shape.dims) if past.shape is not None else []
+    if len(dims) == 4 and isinstance(dims[1], int) and isinstance(dims[3], int):
+        return dims[1], dims[3]
+    return None
 
 
 def assert_retained_state_contract(graph: ir.Graph, ctx_len: int) -> None:

@@ -18,7 +18,8 @@ def standard_pipeline(capabilities: Capabilities, options: CompileOptions) -> li
 
     - ``kv-retained-state`` for targets that keep the KV cache on the device (``retained_state``);
     - ``rmsnorm-fuse`` lowered as the target executes RMSNorm (``rmsnorm_lowering``; none for ``"decomposed"``);
-    - ``layernorm-gelu`` with ORT's fused Gelu kernels where the target executes the ``com.microsoft`` domain;
+    - ``layernorm-gelu`` with ORT's fused Gelu kernels, then ``skip-norm`` (residual Add + norm as one kernel), where
+      the target executes the ``com.microsoft`` domain;
     - for targets that run the graph as written (``graph_speedups``; a target with its own graph compiler fuses for
       itself): ``grouped-query-matmul`` and ``merge-parallel-matmuls`` (standard ops), ``rotary-embedding`` where the
       target executes ``com.microsoft``;
@@ -45,7 +46,7 @@ def standard_pipeline(capabilities: Capabilities, options: CompileOptions) -> li
     if capabilities.rmsnorm_lowering != "decomposed":
         specs.append(PassSpec("rmsnorm-fuse", {"lowering": capabilities.rmsnorm_lowering}))
     if microsoft:
-        specs.append(PassSpec("layernorm-gelu", {"gelu": "com.microsoft"}))
+        specs += [PassSpec("layernorm-gelu", {"gelu": "com.microsoft"}), PassSpec("skip-norm")]
     if capabilities.graph_speedups:
         specs += [PassSpec("grouped-query-matmul"), PassSpec("merge-parallel-matmuls")]
         if microsoft:

@@ -38,6 +38,7 @@ def test_ort_like_target_gets_its_fused_kernels_and_the_speed_rewrites():
         ("kv-retained-state", {"ctx_len": 64}),
         ("rmsnorm-fuse", {"lowering": "ort-fused"}),
         ("layernorm-gelu", {"gelu": "com.microsoft"}),
+        ("skip-norm", {}),
         ("grouped-query-matmul", {}),
         ("merge-parallel-matmuls", {}),
         ("rotary-embedding", {}),
