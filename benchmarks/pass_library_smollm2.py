@@ -41,6 +41,8 @@ class WatchedSession:
         logits = self.session.run(input_ids, position_ids)
         self.steps += 1
         valid = np.asarray(position_ids) >= 0  # padding rows compute garbage by contract; they are never read
+        if logits.shape[1] != valid.shape[1]:  # [b, 1, V]: only each row's last valid token (last-token-logits)
+            valid = valid.any(axis=1, keepdims=True)
         self.non_finite_steps += int(not np.isfinite(logits[valid]).all())
         return logits
 
