@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from qgraph.pass_manager import CountedResult, GraphPass
 
@@ -123,15 +124,5 @@ class GroupedQueryMatMul(GraphPass):
                 rewritten += 1
             repeats_removed += 1
         if rewritten:
-            self._drop_unused(graph)
+            RemoveUnusedNodesPass()(model)  # the K/V repeat chains nothing reads now
         return self.result(model, matmuls_grouped=rewritten, kv_repeats_removed=repeats_removed)
-
-    @staticmethod
-    def _drop_unused(graph: ir.Graph) -> None:
-        changed = True
-        while changed:
-            changed = False
-            for node in reversed(list(graph)):
-                if all(not out.uses() and not out.is_graph_output() for out in node.outputs):
-                    graph.remove(node, safe=True)
-                    changed = True

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from qgraph.pass_manager import CountedResult, GraphPass
 
@@ -187,7 +188,7 @@ class QuantizeWeights(GraphPass):
             bytes_after += packed.nbytes + scales.nbytes + (0 if self.symmetric else zero_points.nbytes)
         if quantized:
             model.opset_imports.setdefault(MS_DOMAIN, 1)
-            self._drop_unused(graph)
+            RemoveUnusedNodesPass()(model)  # the float weights (and tied heads' Transposes) nothing reads
         return self.result(
             model,
             quantized=quantized,
@@ -204,16 +205,3 @@ class QuantizeWeights(GraphPass):
         value.const_value = ir.tensor(array, name=name)
         graph.register_initializer(value)
         return value
-
-    @staticmethod
-    def _drop_unused(graph: ir.Graph) -> None:
-        """Remove the float weights (and Transposes of tied heads) nothing reads any more."""
-        changed = True
-        while changed:
-            changed = False
-            for node in reversed(list(graph)):
-                if all(not out.uses() and not out.is_graph_output() for out in node.outputs):
-                    graph.remove(node, safe=True)
-                    changed = True
-        for name in [n for n, v in graph.initializers.items() if not v.uses() and not v.is_graph_output()]:
-            del graph.initializers[name]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from qgraph.pass_manager import CountedResult, GraphPass
 
@@ -170,15 +171,7 @@ class RotaryEmbeddingFusion(GraphPass):
             fused += 1
         if fused:
             model.opset_imports.setdefault(MS_DOMAIN, 1)
-            changed = True
-            while changed:
-                changed = False
-                for node in reversed(list(graph)):
-                    if all(not out.uses() and not out.is_graph_output() for out in node.outputs):
-                        graph.remove(node, safe=True)
-                        changed = True
-            for name in [n for n, v in graph.initializers.items() if not v.uses() and not v.is_graph_output()]:
-                del graph.initializers[name]
+            RemoveUnusedNodesPass()(model)
         return self.result(model, fused=fused)
 
     @staticmethod

@@ -8,26 +8,8 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 
-from qgraph import QEFFAutoModelForCausalLM
 from qgraph.pass_manager import PassSpec, op_histogram, run_pipeline
-
-CTX = 32
-N_LAYERS = 2  # tests/tiny_models.py
-
-
-@pytest.fixture(scope="module")
-def retained_state(tiny_model_dir, cache_dir):
-    exports = {}
-
-    def build(arch: str) -> ir.Model:
-        if arch not in exports:
-            qg = QEFFAutoModelForCausalLM.from_pretrained(str(tiny_model_dir(arch)), cache_dir=cache_dir, verbose=False)
-            exports[arch] = qg.export()
-        model = ir.load(exports[arch])
-        run_pipeline(model, [PassSpec("kv-retained-state", {"ctx_len": CTX}), PassSpec("cleanup")])
-        return model
-
-    return build
+from tests.passes.conftest import N_LAYERS
 
 
 def _logits(model: ir.Model, tmp_path, name: str, batch: int = 2) -> np.ndarray:
@@ -44,9 +26,9 @@ def _logits(model: ir.Model, tmp_path, name: str, batch: int = 2) -> np.ndarray:
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
-def test_repeats_disappear_and_outputs_are_unchanged(retained_state, tmp_path, arch):
-    before = _logits(retained_state(arch), tmp_path, "before")
-    model = retained_state(arch)
+def test_repeats_disappear_and_outputs_are_unchanged(retained_model, tmp_path, arch):
+    before = _logits(retained_model(arch), tmp_path, "before")
+    model = retained_model(arch)
     expands = op_histogram(model)["Expand"]
     [report] = run_pipeline(model, [PassSpec("grouped-query-matmul")])
     assert report.counts["kv_repeats_removed"] == 2 * N_LAYERS  # K and V of every layer
@@ -57,15 +39,15 @@ def test_repeats_disappear_and_outputs_are_unchanged(retained_state, tmp_path, a
         np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-5)
 
 
-def test_multi_head_attention_is_left_alone(retained_state):
-    model = retained_state("gpt2")
+def test_multi_head_attention_is_left_alone(retained_model):
+    model = retained_model("gpt2")
     hist = op_histogram(model)
     [report] = run_pipeline(model, [PassSpec("grouped-query-matmul")])
     assert report.counts["kv_repeats_removed"] == 0 and op_histogram(model) == hist
 
 
-def test_idempotent(retained_state):
-    model = retained_state("llama")
+def test_idempotent(retained_model):
+    model = retained_model("llama")
     run_pipeline(model, [PassSpec("grouped-query-matmul")])
     hist = op_histogram(model)
     [again] = run_pipeline(model, [PassSpec("grouped-query-matmul")])

@@ -6,28 +6,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
-import pytest
 
-from qgraph import QEFFAutoModelForCausalLM
 from qgraph.pass_manager import PassSpec, op_histogram, run_pipeline
-
-CTX = 32
-N_LAYERS = 2  # tests/tiny_models.py
-
-
-@pytest.fixture(scope="module")
-def retained_state(tiny_model_dir, cache_dir):
-    exports = {}
-
-    def build(arch: str) -> ir.Model:
-        if arch not in exports:
-            qg = QEFFAutoModelForCausalLM.from_pretrained(str(tiny_model_dir(arch)), cache_dir=cache_dir, verbose=False)
-            exports[arch] = qg.export()
-        model = ir.load(exports[arch])
-        run_pipeline(model, [PassSpec("kv-retained-state", {"ctx_len": CTX}), PassSpec("cleanup")])
-        return model
-
-    return build
+from tests.passes.conftest import N_LAYERS
 
 
 def _outputs(model: ir.Model, tmp_path, name: str) -> list[np.ndarray]:
@@ -41,9 +22,9 @@ def _outputs(model: ir.Model, tmp_path, name: str) -> list[np.ndarray]:
     return session.run(None, feeds)
 
 
-def test_qkv_and_gate_up_merge_with_identical_outputs(retained_state, tmp_path):
-    before = _outputs(retained_state("llama"), tmp_path, "before")
-    model = retained_state("llama")
+def test_qkv_and_gate_up_merge_with_identical_outputs(retained_model, tmp_path):
+    before = _outputs(retained_model("llama"), tmp_path, "before")
+    model = retained_model("llama")
     matmuls = op_histogram(model)["MatMul"]
     [report] = run_pipeline(model, [PassSpec("merge-parallel-matmuls")])
     assert report.counts == {"groups": 2 * N_LAYERS, "matmuls_merged": 5 * N_LAYERS}
@@ -52,22 +33,22 @@ def test_qkv_and_gate_up_merge_with_identical_outputs(retained_state, tmp_path):
         np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-5)
 
 
-def test_gpt2_is_left_alone(retained_state):
-    model = retained_state("gpt2")
+def test_gpt2_is_left_alone(retained_model):
+    model = retained_model("gpt2")
     hist = op_histogram(model)
     [report] = run_pipeline(model, [PassSpec("merge-parallel-matmuls")])
     assert report.counts["groups"] == 0 and op_histogram(model) == hist
 
 
-def test_quantizing_after_merging_quantizes_the_merged_weights(retained_state):
-    model = retained_state("llama")
+def test_quantizing_after_merging_quantizes_the_merged_weights(retained_model):
+    model = retained_model("llama")
     run_pipeline(model, [PassSpec("merge-parallel-matmuls")])
     [report] = run_pipeline(model, [PassSpec("quantize-weights", {"bits": 4, "min_elements": 0})])
     assert report.counts["quantized"] == 2 * 4 + 1  # qkv, o, gate_up, down per layer + lm_head
 
 
-def test_idempotent(retained_state):
-    model = retained_state("llama")
+def test_idempotent(retained_model):
+    model = retained_model("llama")
     run_pipeline(model, [PassSpec("merge-parallel-matmuls")])
     hist = op_histogram(model)
     [again] = run_pipeline(model, [PassSpec("merge-parallel-matmuls")])

@@ -13,26 +13,9 @@ from qgraph.pass_manager import PassSpec, op_histogram, run_pipeline
 from qgraph.passes.quantize_weights import QuantizeWeights
 from tests.parity import MY_NAME
 
-CTX = 32
 # Linear layers of the tiny models (tests/tiny_models.py): GPT-2 has c_attn, c_proj, c_fc, mlp.c_proj per layer plus
 # the tied LM head (MatMul over Transpose(wte)); Llama has q, k, v, o, gate, up, down per layer plus lm_head.
 LINEARS = {"gpt2": 2 * 4 + 1, "llama": 2 * 7 + 1}
-
-
-@pytest.fixture(scope="module")
-def retained_state(tiny_model_dir, cache_dir):
-    """``retained_state(arch)`` -> a fresh in-memory retained-state model (vanilla export cached per arch)."""
-    exports = {}
-
-    def build(arch: str) -> ir.Model:
-        if arch not in exports:
-            qg = QEFFAutoModelForCausalLM.from_pretrained(str(tiny_model_dir(arch)), cache_dir=cache_dir, verbose=False)
-            exports[arch] = qg.export()
-        model = ir.load(exports[arch])
-        run_pipeline(model, [PassSpec("kv-retained-state", {"ctx_len": CTX}), PassSpec("cleanup")])
-        return model
-
-    return build
 
 
 def _logits(model: ir.Model, tmp_path, name: str) -> np.ndarray:
@@ -50,8 +33,8 @@ def _logits(model: ir.Model, tmp_path, name: str) -> np.ndarray:
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_every_linear_layer_becomes_matmulnbits(retained_state, arch):
-    model = retained_state(arch)
+def test_every_linear_layer_becomes_matmulnbits(retained_model, arch):
+    model = retained_model(arch)
     [report] = run_pipeline(model, [PassSpec("quantize-weights", {"bits": 4, "min_elements": 0})])
     assert report.counts["quantized"] == LINEARS[arch]
     hist = op_histogram(model)
@@ -119,26 +102,26 @@ def test_each_form_computes_the_same_product(tmp_path, form, bits, accuracy_leve
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_int8_keeps_tiny_model_logits_close(retained_state, tmp_path, arch):
+def test_int8_keeps_tiny_model_logits_close(retained_model, tmp_path, arch):
     """Tiny random models (init 0.2) amplify weight error layer by layer; int8 still keeps their argmax."""
-    reference = _logits(retained_state(arch), tmp_path, "fp32")
-    model = retained_state(arch)
+    reference = _logits(retained_model(arch), tmp_path, "fp32")
+    model = retained_model(arch)
     run_pipeline(model, [PassSpec("quantize-weights", {"bits": 8, "accuracy_level": 0, "min_elements": 0})])
     quantized = _logits(model, tmp_path, "int8")
     assert np.abs(quantized - reference).max() / np.abs(reference).max() < 0.05
     assert (quantized.argmax(-1) == reference.argmax(-1)).mean() >= 0.8
 
 
-def test_idempotent(retained_state):
-    model = retained_state("gpt2")
+def test_idempotent(retained_model):
+    model = retained_model("gpt2")
     run_pipeline(model, [PassSpec("quantize-weights", {"min_elements": 0})])
     nodes = model.graph.num_nodes()
     [again] = run_pipeline(model, [PassSpec("quantize-weights", {"min_elements": 0})])
     assert again.counts["quantized"] == 0 and model.graph.num_nodes() == nodes
 
 
-def test_small_weights_are_skipped_by_default(retained_state):
-    model = retained_state("llama")
+def test_small_weights_are_skipped_by_default(retained_model):
+    model = retained_model("llama")
     [report] = run_pipeline(model, [PassSpec("quantize-weights", {"min_elements": 10**9})])
     assert report.counts["quantized"] == 0 and report.counts["skipped_small"] == LINEARS["llama"]
 
@@ -167,8 +150,8 @@ def test_int8_pipeline_generates_through_the_ort_backend(tiny_model_dir, cache_d
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_lm_head_keeps_8_bits_under_4_bit_blocks(retained_state, arch):
-    model = retained_state(arch)
+def test_lm_head_keeps_8_bits_under_4_bit_blocks(retained_model, arch):
+    model = retained_model(arch)
     run_pipeline(model, [PassSpec("quantize-weights", {"bits": 4, "min_elements": 0})])
     logits = next(o for o in model.graph.outputs if o.name == "logits")
     nbits = {n.name: n.attributes["bits"].value for n in model.graph if n.op_type == "MatMulNBits"}
