@@ -34,6 +34,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
+from qgraph.graph_utils import add_initializer
 from qgraph.pass_manager import CountedResult, GraphPass
 
 MS_DOMAIN = "com.microsoft"
@@ -159,12 +160,15 @@ class QuantizeWeights(GraphPass):
             base = source.name or node.name
             inputs = [
                 node.inputs[0],
-                graph.initializers.get(f"{base}_Q{bits}") or self._init(graph, f"{base}_Q{bits}", packed),
-                graph.initializers.get(f"{base}_scales") or self._init(graph, f"{base}_scales", scales.reshape(-1)),
+                graph.initializers.get(f"{base}_Q{bits}") or add_initializer(graph, f"{base}_Q{bits}", packed),
+                graph.initializers.get(f"{base}_scales")
+                or add_initializer(graph, f"{base}_scales", scales.reshape(-1)),
             ]
             if not self.symmetric:
                 zp_name = f"{base}_zero_points"
-                inputs.append(graph.initializers.get(zp_name) or self._init(graph, zp_name, zero_points.reshape(-1)))
+                inputs.append(
+                    graph.initializers.get(zp_name) or add_initializer(graph, zp_name, zero_points.reshape(-1))
+                )
             else:
                 inputs.append(None)
             if bias is not None:
@@ -196,12 +200,3 @@ class QuantizeWeights(GraphPass):
             weight_mib_before=round(bytes_before / 2**20),
             weight_mib_after=round(bytes_after / 2**20),
         )
-
-    @staticmethod
-    def _init(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-        value = ir.Value(
-            name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype))
-        )
-        value.const_value = ir.tensor(array, name=name)
-        graph.register_initializer(value)
-        return value

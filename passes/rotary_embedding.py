@@ -23,6 +23,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
+from qgraph.graph_utils import add_initializer
 from qgraph.pass_manager import CountedResult, GraphPass
 
 MS_DOMAIN = "com.microsoft"
@@ -150,11 +151,11 @@ class RotaryEmbeddingFusion(GraphPass):
             if key not in tables:
                 angles = np.arange(ctx_len, dtype=np.float32)[:, None] * inv_freq[None, :]
                 tables[key] = tuple(
-                    self._init(graph, f"rotary_{name}_cache_{len(tables)}", fn(angles).astype(np.float32))
+                    add_initializer(graph, f"rotary_{name}_cache_{len(tables)}", fn(angles).astype(np.float32))
                     for name, fn in (("cos", np.cos), ("sin", np.sin))
                 )
             if clamped is None:
-                zero = self._init(graph, "rotary_position_floor", np.array(0, dtype=np.int64))
+                zero = add_initializer(graph, "rotary_position_floor", np.array(0, dtype=np.int64))
                 clamp = ir.node("Max", [position_ids, zero], name="rotary_positions_clamped")
                 graph.insert_before(next(iter(graph)), [clamp])
                 clamped = clamp.outputs[0]
@@ -173,12 +174,3 @@ class RotaryEmbeddingFusion(GraphPass):
             model.opset_imports.setdefault(MS_DOMAIN, 1)
             RemoveUnusedNodesPass()(model)
         return self.result(model, fused=fused)
-
-    @staticmethod
-    def _init(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-        value = ir.Value(
-            name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype))
-        )
-        value.const_value = ir.tensor(array, name=name)
-        graph.register_initializer(value)
-        return value

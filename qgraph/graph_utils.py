@@ -20,6 +20,14 @@ def const(values, dtype=None, name: str | None = None) -> ir.Node:
     return node
 
 
+def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """Register ``array`` as a typed, shaped initializer ``name`` of ``graph``; returns its value."""
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)))
+    value.const_value = ir.tensor(array, name=name)
+    graph.register_initializer(value)
+    return value
+
+
 def data_dependents(graph: ir.Graph, sources: Iterable[ir.Value]) -> set[ir.Value]:
     """Every value whose *data* depends on one of ``sources``.
 
