@@ -81,8 +81,13 @@ class OrtDecoderSession:
         return values
 
     def reset(self, batch_size: int) -> None:
-        self._current = self._zeros(batch_size)
-        self._next = self._current if self.in_place else self._zeros(batch_size)
+        """Start a generation. Buffers of the same batch size are reused without clearing (allocating and zeroing
+        them is ~3 ms of every TTFT at ctx_len 256): a slot is only attended after this generation wrote it, and a
+        stale slot enters ``probs @ V`` as ``0 * value``, harmless because every value a step writes is finite
+        (padding rows write zeros)."""
+        if not self._current or self._current[0].shape()[0] != batch_size:
+            self._current = self._zeros(batch_size)
+            self._next = self._current if self.in_place else self._zeros(batch_size)
         self._binding = self.session.io_binding()
         self._binding.bind_output(self.logits_name, "cpu")  # first: get_outputs()[0] is the logits from now on
         self._bind_state()

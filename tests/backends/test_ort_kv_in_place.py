@@ -34,8 +34,23 @@ def test_in_place_and_ping_pong_give_the_same_tokens(compiled, tokenizer):
     a, _, _ = greedy_generate(in_place, rows, 2, 20, set())
     b, _, _ = greedy_generate(ping_pong, rows, 2, 20, set())
     assert a == b
-    again, _, _ = greedy_generate(in_place, rows, 2, 20, set())  # reset really clears the shared buffers
+    again, _, _ = greedy_generate(in_place, rows, 2, 20, set())  # the reused buffers' old contents do not leak
     assert again == a
+
+
+def test_a_generation_after_a_longer_one_reuses_the_buffers_and_still_matches_hf(compiled, tiny_model_dir, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from tests.parity import hf_greedy
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama"), attn_implementation="eager").eval()
+    session = compiled.artifact.load()
+    long_rows = [tokenizer(LONG_PROMPT)["input_ids"]] * 2
+    greedy_generate(session, long_rows, 2, 40, set())  # fills slots well past the next prompt's length
+    buffers = list(session._current)
+    short, _, _ = greedy_generate(session, [tokenizer(MY_NAME)["input_ids"]], 2, 24, set())
+    assert all(a is b for a, b in zip(buffers, session._current, strict=True)), "same batch size: buffers reused"
+    assert short == [hf_greedy(hf, tokenizer, MY_NAME)]
 
 
 def test_a_second_reader_of_a_buffer_forbids_sharing(compiled, tmp_path):
