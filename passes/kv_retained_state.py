@@ -44,6 +44,7 @@ from qgraph.graph_utils import (
     replace_all_uses,
 )
 from qgraph.pass_manager import CountedResult, GraphPass
+from qgraph.passes.cleanup import fill_unknown_shapes
 
 VANILLA_PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 RETAINED_INPUT = "past_{kind}.{layer}"
@@ -304,8 +305,26 @@ class KVRetainedState(GraphPass):
             )
         return found["input_ids"], found["attention_mask"], found["position_ids"]
 
+    def _already_converted(self, graph: ir.Graph) -> bool:
+        """True for a graph this pass produced with the same ``ctx_len``: idempotent, a second run changes nothing.
+
+        A retained-state graph of another ``ctx_len`` is refused: its buffers' length is baked into the graph.
+        """
+        if input_by_name(graph, "attention_mask") is not None or input_by_name(graph, "past_key.0") is None:
+            return False
+        lengths = sorted({v.shape[-2] for v in graph.inputs if RETAINED_NAME.match(v.name or "") and v.shape})
+        if lengths != [self.ctx_len]:
+            raise PreconditionError(
+                f"graph is already in retained-state form with ctx_len {', '.join(map(str, lengths))}; converting to "
+                f"ctx_len {self.ctx_len} needs the vanilla export (rerun the pipeline on it)"
+            )
+        assert_retained_state_contract(graph, self.ctx_len)
+        return True
+
     def requires(self, model: ir.Model) -> None:
         graph = model.graph
+        if self._already_converted(graph):
+            return
         input_ids, attention_mask, _ = self._graph_inputs(graph)
         find_kv_appends(graph)
         if not find_mask_values(graph, attention_mask, input_ids):
@@ -316,6 +335,8 @@ class KVRetainedState(GraphPass):
 
     def call(self, model: ir.Model) -> CountedResult:
         graph = model.graph
+        if self._already_converted(graph):
+            return self.result(model, kv_scatters=0, masks_rebuilt=0)
         input_ids, attention_mask, position_ids = self._graph_inputs(graph)
         appends = find_kv_appends(graph)
         from_mask = find_mask_values(graph, attention_mask, input_ids)
@@ -336,6 +357,12 @@ class KVRetainedState(GraphPass):
                 + ") lets each query see every key of an unpadded sequence, i.e. the model attends bidirectionally; "
                 "retained-state decoding needs a causal decoder"
             )
+        untyped = [t.value for t in masks if t.value.dtype is None]
+        if untyped:  # a graph without value types (hand-written, older tools): ONNX type inference fills them in
+            fill_unknown_shapes(model)
+            still = [v.name or "?" for v in untyped if v.dtype is None]
+            if still:
+                raise PreconditionError(f"the type of attention mask value(s) {', '.join(still)} is unknown")
         if position_ids is None:
             position_ids = self._add_position_ids(graph, input_ids)
         shape_reads = self._virtualise_past_shape_reads(graph, input_ids, [a.past for a in appends])
@@ -507,6 +534,9 @@ def _static_heads_and_head_dim(past: ir.Value) -> tuple[int, int] | None:
     return None
 
 
+RETAINED_NAME = re.compile(r"^past_(key|value)\.\d+$")
+
+
 def assert_retained_state_contract(graph: ir.Graph, ctx_len: int) -> None:
     """The I/O contract of DESIGN.md; raises ``PostconditionError`` saying which part does not hold."""
     names_in = [v.name for v in graph.inputs]
@@ -517,7 +547,7 @@ def assert_retained_state_contract(graph: ir.Graph, ctx_len: int) -> None:
     for required in ("input_ids", "position_ids"):
         if required not in names_in:
             problems.append(f"{required} is not an input")
-    pasts = [v for v in graph.inputs if re.match(r"^past_(key|value)\.\d+$", v.name or "")]
+    pasts = [v for v in graph.inputs if RETAINED_NAME.match(v.name or "")]
     if not pasts:
         problems.append("no past_key.{i}/past_value.{i} inputs")
     for value in pasts:
