@@ -21,8 +21,8 @@ def standard_pipeline(capabilities: Capabilities, options: CompileOptions) -> li
     - ``layernorm-gelu`` with ORT's fused Gelu kernels, then ``skip-norm`` (residual Add + norm as one kernel), where
       the target executes the ``com.microsoft`` domain;
     - for targets that run the graph as written (``graph_speedups``; a target with its own graph compiler fuses for
-      itself): ``grouped-query-matmul`` and ``merge-parallel-matmuls`` (standard ops), ``rotary-embedding`` where the
-      target executes ``com.microsoft``;
+      itself): ``grouped-query-matmul``, ``merge-parallel-matmuls``, ``shared-head-transpose`` (standard ops),
+      ``rotary-embedding`` where the target executes ``com.microsoft``;
     - ``last-token-logits`` on retained-state targets: prefill projects only each row's last token on the vocabulary;
     - ``quantize-weights`` for ``precision`` ``"int8"`` / ``"int4"`` (weight-only, ``MatMulNBits``);
     - ``fp16-clip`` where the target computes in float16: asked for (``precision="float16"``), or a target without
@@ -48,7 +48,7 @@ def standard_pipeline(capabilities: Capabilities, options: CompileOptions) -> li
     if microsoft:
         specs += [PassSpec("layernorm-gelu", {"gelu": "com.microsoft"}), PassSpec("skip-norm")]
     if capabilities.graph_speedups:
-        specs += [PassSpec("grouped-query-matmul"), PassSpec("merge-parallel-matmuls")]
+        specs += [PassSpec(n) for n in ("grouped-query-matmul", "merge-parallel-matmuls", "shared-head-transpose")]
         if microsoft:
             specs.append(PassSpec("rotary-embedding"))
     if capabilities.retained_state:

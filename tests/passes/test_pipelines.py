@@ -41,6 +41,7 @@ def test_ort_like_target_gets_its_fused_kernels_and_the_speed_rewrites():
         ("skip-norm", {}),
         ("grouped-query-matmul", {}),
         ("merge-parallel-matmuls", {}),
+        ("shared-head-transpose", {}),
         ("rotary-embedding", {}),
         ("last-token-logits", {}),
         ("cleanup", {}),
