@@ -16,7 +16,6 @@ from __future__ import annotations
 import ast
 import importlib.util
 import io
-import json
 import re
 import time
 import tokenize
@@ -29,12 +28,12 @@ import pytest
 from onnx_ir.passes import PreconditionError
 
 from qgraph import QEFFAutoModelForCausalLM
-from qgraph.backends.ort import OrtDecoderSession
 from qgraph.errors import QGraphError
 from qgraph.export import probe_kv_layout
 from qgraph.graph_utils import const
 from qgraph.passes.kv_retained_state import classify_attention_terms
 from qgraph.runtime import greedy_generate
+from tests.bundle_on_ort import bundle_session
 from tests.parity import LONG_PROMPT, MY_NAME, NEW_TOKENS, hf_greedy
 from tests.support_matrix import describe, record
 from tests.tiny_models import SLIDING_WINDOW, TINY_CONFIGS, make_tiny_model
@@ -157,19 +156,6 @@ def hf_tokens(tokenizer):
     return get
 
 
-def _bundle_session(directory: Path, tmp_path: Path) -> OrtDecoderSession:
-    """The Cloud AI 100 bundle's graph, ``ctx_len`` bound as the compiler binds it, in an ORT session."""
-    model = onnx.load(str(directory / "model.onnx"))
-    ctx_len = json.loads((directory / "specializations.json").read_text())["specializations"][0]["ctx_len"]
-    for value in list(model.graph.input) + list(model.graph.output):
-        for dim in value.type.tensor_type.shape.dim:
-            if dim.dim_param == "ctx_len":
-                dim.dim_value = int(ctx_len)
-    path = tmp_path / "bundle-on-ort.onnx"
-    onnx.save(model, str(path))
-    return OrtDecoderSession(path, {}, ["CPUExecutionProvider"], prefill_seq_len=PREFILL)
-
-
 def generate(model: QEFFAutoModelForCausalLM, backend: str, batch_size: int, prompts, tokenizer, tmp_path):
     """Greedy tokens for ``prompts`` through ``backend``: its own session, or (ai100) the bundle's graph on ORT."""
     directory = model.compile(backend=backend, prefill_seq_len=PREFILL, ctx_len=CTX, batch_size=batch_size)
@@ -177,7 +163,7 @@ def generate(model: QEFFAutoModelForCausalLM, backend: str, batch_size: int, pro
         return model.generate(tokenizer, prompts, generation_len=NEW_TOKENS, verbose=False).generated_ids
     eos = {int(model.model.generation_config.eos_token_id)}
     prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
-    session = _bundle_session(directory, tmp_path)
+    session = bundle_session(directory, tmp_path)
     return greedy_generate(session, prompt_ids, batch_size, NEW_TOKENS, eos, tokenizer.pad_token_id or 0)[0]
 
 

@@ -26,6 +26,7 @@ from qgraph.pipelines import standard_pipeline
 from qgraph.registry import pass_registry
 from qgraph.runtime import greedy_generate
 from tests.backends.fake_qaic import write_fake_compiler
+from tests.bundle_on_ort import bundle_session
 from tests.parity import LONG_PROMPT, MY_NAME, NEW_TOKENS, hf_greedy
 
 ARCHS = ["gpt2", "llama"]
@@ -287,20 +288,6 @@ def test_float_constants_fit_in_fp16(bundle, arch):
         assert finite.size == 0 or np.abs(finite).max() <= FP16_MAX
 
 
-def specialized_session(directory: Path, tmp_path: Path) -> OrtDecoderSession:
-    """The bundle's graph with ``ctx_len`` bound as the compiler binds it, in an ORT session (batch and seq_len stay
-    symbolic: every run's shapes are one of the specializations)."""
-    model = onnx.load(str(directory / "model.onnx"))
-    ctx_len = json.loads((directory / "specializations.json").read_text())["specializations"][0]["ctx_len"]
-    for value in list(model.graph.input) + list(model.graph.output):
-        for dim in value.type.tensor_type.shape.dim:
-            if dim.dim_param == "ctx_len":
-                dim.dim_value = int(ctx_len)
-    path = tmp_path / "specialized.onnx"
-    onnx.save(model, str(path))
-    return OrtDecoderSession(path, {}, ["CPUExecutionProvider"], prefill_seq_len=manifest(directory)["prefill_seq_len"])
-
-
 class ShapeChecked:
     """Refuses any run whose shapes are not one of the bundle's specializations (what the card would do)."""
 
@@ -328,7 +315,7 @@ def test_the_bundle_graph_gives_hf_greedy_tokens_on_ort(
     bundle, qeff_model, tokenizer, tmp_path, arch, batch_size, prompts
 ):
     directory = bundle(arch, batch_size=batch_size)
-    session = ShapeChecked(specialized_session(directory, tmp_path), directory)
+    session = ShapeChecked(bundle_session(directory, tmp_path), directory)
     prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
     assert max(map(len, prompt_ids)) > PREFILL or batch_size == 1, "the batch case must prefill in two chunks"
     generated, _, _ = greedy_generate(session, prompt_ids, manifest(directory)["batch_size"], NEW_TOKENS, {3})
