@@ -1,9 +1,10 @@
 """ONNX Runtime backend: the retained-state graph in an ``InferenceSession``, KV buffers kept as OrtValues.
 
 KV buffers never pass through numpy between steps. When the graph lets them (every data read of ``past_*.{i}`` is
-the one scatter that produces ``past_*.{i}_RetainedState``), each buffer is ONE OrtValue bound as both the input and
-the output of its scatter: ORT's ScatterElements/ScatterND skip their input-to-output copy when the two are the same
-memory, so a step writes only the new K/V rows in place (no per-token copy of the whole cache, half the memory).
+the one scatter or GroupQueryAttention that produces ``past_*.{i}_RetainedState``), each buffer is ONE OrtValue bound
+as both the input and the output of that node: ORT's ScatterElements/ScatterND skip their input-to-output copy when
+the two are the same memory, and GroupQueryAttention then writes into the shared buffer, so a step writes only the new
+K/V rows in place (no per-token copy of the whole cache, half the memory).
 Otherwise two sets of OrtValues are allocated per generation and swapped after each run (the outputs of step n are
 bound as the inputs of step n+1). The IOBinding is built once per generation; a step rebinds only the token and
 position arrays.
@@ -65,20 +66,27 @@ class OrtDecoderSession:
         self.state_shapes = {n: inputs[n].shape for n in self.state_names}
         self.state_dtypes = {n: _numpy_dtype(inputs[n].type) for n in self.state_names}
         self.ctx_len = int(self.state_shapes[self.state_names[0]][2])
-        self.logits_name = self.session.get_outputs()[0].name
-        self.in_place = _scatters_in_place(model_path, self.state_names)
+        logits = self.session.get_outputs()[0]
+        self.logits_name = logits.name
+        self.last_token_only = len(logits.shape) == 3 and logits.shape[1] == 1
+        graph = _graph_structure(model_path)
+        self.in_place = _state_updated_in_place(graph, self.state_names)
+        # ORT's CPU GroupQueryAttention takes a later prompt chunk (past context, s > 1) for one row at a time
+        self.rows_one_by_one = any(n.op_type == "GroupQueryAttention" for n in graph.node)
         self.device_seconds = 0.0
+        # numpy arrays behind the bound OrtValues (CPU OrtValues made from numpy share its memory)
+        self._arrays: list[np.ndarray] = []
+        self._next_arrays: list[np.ndarray] = []
         self._current: list = []
         self._next: list = []
         self._binding = None
 
-    def _zeros(self, batch_size: int) -> list:
-        values = []
+    def _zeros(self, batch_size: int) -> tuple[list[np.ndarray], list]:
+        arrays = []
         for name in self.state_names:
             _, heads, ctx, dim = self.state_shapes[name]
-            array = np.zeros((batch_size, heads, ctx, dim), dtype=self.state_dtypes[name])
-            values.append(self._ort.OrtValue.ortvalue_from_numpy(array))
-        return values
+            arrays.append(np.zeros((batch_size, heads, ctx, dim), dtype=self.state_dtypes[name]))
+        return arrays, [self._ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
 
     def reset(self, batch_size: int) -> None:
         """Start a generation. Buffers of the same batch size are reused without clearing (allocating and zeroing
@@ -86,43 +94,102 @@ class OrtDecoderSession:
         stale slot enters ``probs @ V`` as ``0 * value``, harmless because every value a step writes is finite
         (padding rows write zeros)."""
         if not self._current or self._current[0].shape()[0] != batch_size:
-            self._current = self._zeros(batch_size)
-            self._next = self._current if self.in_place else self._zeros(batch_size)
-        self._binding = self.session.io_binding()
-        self._binding.bind_output(self.logits_name, "cpu")  # first: get_outputs()[0] is the logits from now on
-        self._bind_state()
+            self._arrays, self._current = self._zeros(batch_size)
+            self._next_arrays, self._next = (self._arrays, self._current) if self.in_place else self._zeros(batch_size)
+        self._binding = self._bind(list(zip(self._current, self._next, strict=True)))
         self.device_seconds = 0.0
 
-    def _bind_state(self) -> None:
-        for name, cur, nxt in zip(self.state_names, self._current, self._next, strict=True):
-            self._binding.bind_ortvalue_input(name, cur)
-            self._binding.bind_ortvalue_output(f"{name}_RetainedState", nxt)
+    def _swap(self) -> None:
+        """Ping-pong: this run's outputs are the next run's inputs."""
+        self._current, self._next = self._next, self._current
+        self._arrays, self._next_arrays = self._next_arrays, self._arrays
+        self._binding = self._bind(list(zip(self._current, self._next, strict=True)))
+
+    def _bind(self, state: list[tuple[Any, Any]]):
+        binding = self.session.io_binding()
+        binding.bind_output(self.logits_name, "cpu")  # first: get_outputs()[0] is the logits from now on
+        for name, (cur, nxt) in zip(self.state_names, state, strict=True):
+            binding.bind_ortvalue_input(name, cur)
+            binding.bind_ortvalue_output(f"{name}_RetainedState", nxt)
+        return binding
 
     def run(self, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        """Trailing columns that are padding in every row are not run (their logits are zeros)."""
         if self._binding is None:
             raise QGraphError("OrtDecoderSession.run before reset(batch_size)")
-        binding = self._binding
-        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
-        binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
+        width = input_ids.shape[1]
+        ids, pos = _without_trailing_padding(input_ids, position_ids)
+        if self.rows_one_by_one and ids.shape[0] > 1 and ids.shape[1] > 1 and pos[:, 0].max() > 0:
+            logits = self._run_rows(ids, pos)
+        else:
+            logits = self._run(self._binding, ids, pos)
+        if not self.in_place:
+            self._swap()
+        if not self.last_token_only and logits.shape[1] < width:
+            logits = np.pad(logits, ((0, 0), (0, width - logits.shape[1]), (0, 0)))
+        return logits
+
+    def _run(self, binding, ids: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
+        binding.bind_cpu_input("position_ids", np.ascontiguousarray(pos, dtype=np.int64))
         binding.bind_output(self.logits_name, "cpu")  # rebinding keeps its slot; last run's buffer is not reused
         start = time.perf_counter()
         self.session.run_with_iobinding(binding)
         self.device_seconds += time.perf_counter() - start
-        logits = binding.get_outputs()[0]
-        if not self.in_place:
-            self._current, self._next = self._next, self._current
-            self._bind_state()
-        return logits.numpy().astype(np.float32, copy=False)
+        return binding.get_outputs()[0].numpy().astype(np.float32, copy=False)
+
+    def _run_rows(self, ids: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        """A later prompt chunk of a batch, one row at a time over that row's views of the buffers."""
+        view = self._ort.OrtValue.ortvalue_from_numpy
+        rows: dict[int, np.ndarray] = {}
+        for row in range(ids.shape[0]):
+            current = [view(a[row : row + 1]) for a in self._arrays]
+            if pos[row, 0] < 0:  # no token in this chunk: nothing to run, the state carries over
+                for a, b in zip(self._arrays, self._next_arrays, strict=True):
+                    if a is not b:
+                        b[row] = a[row]
+                continue
+            following = current if self.in_place else [view(a[row : row + 1]) for a in self._next_arrays]
+            binding = self._bind(list(zip(current, following, strict=True)))
+            row_ids, row_pos = _without_trailing_padding(ids[row : row + 1], pos[row : row + 1])
+            rows[row] = self._run(binding, row_ids, row_pos)[0]
+        some = next(iter(rows.values()))
+        length = 1 if self.last_token_only else ids.shape[1]
+        logits = np.zeros((ids.shape[0], length, some.shape[-1]), dtype=np.float32)
+        for row, values in rows.items():
+            logits[row, : values.shape[0]] = values
+        return logits
 
 
-def _scatters_in_place(model_path: Path, state_names: list[str]) -> bool:
-    """True when each ``past_*`` input is read (beyond Shape) only by the scatter producing its ``_RetainedState``.
+def _without_trailing_padding(ids: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Drop the trailing columns where every row is padding (position -1); at least one column stays."""
+    real = np.flatnonzero((pos >= 0).any(axis=0))
+    width = int(real[-1]) + 1 if real.size else 1
+    return ids[:, :width], pos[:, :width]
 
-    Then input and output may share one buffer: the scatter reads nothing of the old buffer that it does not keep.
+
+def _graph_structure(model_path: Path):
+    import onnx
+
+    return onnx.load(str(model_path), load_external_data=False).graph
+
+
+# (op_type, domain) -> {index of a past_* input: index of the output it updates}
+_STATE_UPDATES = {
+    ("ScatterElements", ""): {0: 0},
+    ("ScatterND", ""): {0: 0},
+    ("GroupQueryAttention", "com.microsoft"): {3: 1, 4: 2},
+}
+
+
+def _state_updated_in_place(graph, state_names: list[str]) -> bool:
+    """True when each ``past_*`` input is read (beyond Shape) only by the node producing its ``_RetainedState``, as
+    the buffer that node updates (a scatter's data, GroupQueryAttention's past key/value).
+
+    Then input and output may share one buffer: the node reads nothing of the old buffer that it does not keep.
     """
     import onnx
 
-    graph = onnx.load(str(model_path), load_external_data=False).graph
     if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
         return False  # a subgraph might read a buffer too: keep the safe ping-pong
     outputs = {o.name for o in graph.output}
@@ -136,13 +203,8 @@ def _scatters_in_place(model_path: Path, state_names: list[str]) -> bool:
             return False
         node, index = uses[0]
         target = f"{name}_RetainedState"
-        if (
-            node.domain not in ("", "ai.onnx")
-            or node.op_type not in ("ScatterElements", "ScatterND")
-            or index != 0
-            or list(node.output) != [target]
-            or target not in outputs
-        ):
+        updates = _STATE_UPDATES.get((node.op_type, "" if node.domain == "ai.onnx" else node.domain), {})
+        if index not in updates or node.output[updates[index]] != target or target not in outputs:
             return False
     return True
 

@@ -68,6 +68,9 @@ class MergeParallelMatMuls(GraphPass):
             matmul = ir.node("MatMul", [a, w], name=f"{first.name}_merged")
             split = ir.node("Split", [matmul.outputs[0], sizes], {"axis": -1}, num_outputs=len(siblings))
             split.name = f"{first.name}_split"
+            if a.shape is not None:  # shaped like A, the columns of all siblings: later passes read its rank
+                matmul.outputs[0].shape = ir.Shape([*a.shape.dims[:-1], w.shape[1]])
+            matmul.outputs[0].type = w.type
             graph.insert_before(first, [matmul, split])
             for old, new in zip(siblings, split.outputs, strict=True):
                 new.shape, new.type = old.outputs[0].shape, old.outputs[0].type

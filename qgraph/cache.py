@@ -38,6 +38,23 @@ def tensor_digest(named_tensors: Iterator[tuple[str, Any]]) -> str:
     return h.hexdigest()
 
 
+def code_digest(objects: Iterator[Any]) -> str:
+    """Digest of the source files that define ``objects`` (classes): an edited pass or backend is a new artifact.
+
+    A version number alone would miss an edit in a development checkout, and a stale compiled graph that no longer
+    matches its passes is worse than a recompile.
+    """
+    import sys
+
+    h = hashlib.blake2b(digest_size=16)
+    files = {getattr(sys.modules.get(obj.__module__), "__file__", None) or "" for obj in objects}
+    for path in sorted(files):
+        h.update(path.encode() + b"|")
+        if path and os.path.isfile(path):
+            h.update(Path(path).read_bytes())
+    return h.hexdigest()
+
+
 @contextmanager
 def publish(final_dir: Path) -> Iterator[Path]:
     """Yield an empty temporary directory; on success it becomes ``final_dir`` in one rename."""

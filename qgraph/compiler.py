@@ -11,7 +11,7 @@ from typing import Any
 import onnx_ir as ir
 
 from qgraph.backend_api import Backend, CompileOptions, DecoderSession
-from qgraph.cache import digest, is_complete, publish
+from qgraph.cache import code_digest, digest, is_complete, publish
 from qgraph.pass_manager import PassReport, PassSpec, format_reports, run_pipeline
 from qgraph.progress import step
 from qgraph.registry import Registry, backend_registry, pass_registry
@@ -46,7 +46,11 @@ def unused_options(backend: Backend, given: dict[str, Any]) -> list[str]:
     return sorted(k for k in given if k not in CORE_OPTIONS and k not in backend.used_options)
 
 
-def artifact_key(source_key: str, backend: Backend, specs: list[PassSpec], options: CompileOptions) -> str:
+def artifact_key(
+    source_key: str, backend: Backend, specs: list[PassSpec], options: CompileOptions, registry: Registry | None = None
+) -> str:
+    """Digest of the source model, the backend and its code, the passes with their options and code, the options."""
+    registry = registry or pass_registry()
     used_extra = {k: v for k, v in options.extra.items() if k in backend.used_options}
     shaping = options.key() | {"extra": used_extra}
     if "num_cores" not in backend.used_options:
@@ -58,6 +62,7 @@ def artifact_key(source_key: str, backend: Backend, specs: list[PassSpec], optio
             "backend_version": getattr(backend, "version", ""),
             "capabilities": backend.capabilities.as_dict(),
             "passes": [s.key() for s in specs],
+            "code": code_digest(iter([type(backend), *(registry.get(s.name) for s in specs)])),
             "options": shaping,
         }
     )
@@ -75,12 +80,12 @@ def compile_onnx(
 ) -> CompiledArtifact:
     """Run the backend's pipeline (or ``passes``) over the vanilla graph and let the backend compile the result."""
     specs = passes if passes is not None else backend.pipeline(options)
-    key = artifact_key(source_key, backend, specs, options)
+    registry = pass_reg or pass_registry()
+    key = artifact_key(source_key, backend, specs, options, registry)
     directory = cache_dir / "compiled" / f"{backend.name}-{key}"
     if is_complete(directory):
         reports = json.loads((directory / REPORT_FILE).read_text())
         return CompiledArtifact(backend, options, directory, reports, reused=True)
-    registry = pass_reg or pass_registry()
     with step(f"compiling for backend {backend.name!r} ({len(specs)} passes)", verbose):
         model = ir.load(vanilla_path)
         reports: list[PassReport] = run_pipeline(

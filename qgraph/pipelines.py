@@ -22,7 +22,8 @@ def standard_pipeline(capabilities: Capabilities, options: CompileOptions) -> li
       the target executes the ``com.microsoft`` domain;
     - for targets that run the graph as written (``graph_speedups``; a target with its own graph compiler fuses for
       itself): ``grouped-query-matmul``, ``merge-parallel-matmuls``, ``shared-head-transpose`` (standard ops),
-      ``rotary-embedding`` where the target executes ``com.microsoft``;
+      ``rotary-embedding`` where the target executes ``com.microsoft``, then ``group-query-attention`` (its fused
+      attention kernel, which updates the retained state itself) on retained-state targets;
     - ``last-token-logits`` on retained-state targets: prefill projects only each row's last token on the vocabulary;
     - ``quantize-weights`` for ``precision`` ``"int8"`` / ``"int4"`` (weight-only, ``MatMulNBits``);
     - ``fp16-clip`` where the target computes in float16: asked for (``precision="float16"``), or a target without
@@ -51,6 +52,8 @@ def standard_pipeline(capabilities: Capabilities, options: CompileOptions) -> li
         specs += [PassSpec(n) for n in ("grouped-query-matmul", "merge-parallel-matmuls", "shared-head-transpose")]
         if microsoft:
             specs.append(PassSpec("rotary-embedding"))
+        if microsoft and capabilities.retained_state:
+            specs.append(PassSpec("group-query-attention"))
     if capabilities.retained_state:
         specs.append(PassSpec("last-token-logits"))
     if options.precision in QUANTIZED_BITS:

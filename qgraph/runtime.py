@@ -3,6 +3,11 @@
 The runtime knows nothing about the backend: it feeds ``[b, s]`` token and position arrays and reads logits. Prompts
 are processed in groups of the compiled batch size; a short group is filled with dummy rows whose positions are all
 -1 (never attended, never written to a valid slot).
+
+What every run it makes guarantees (graphs may rely on it, e.g. ``group-query-attention``): a row's real tokens sit at
+contiguous positions starting at its first column, padding (-1) only after them; all rows of a prefill chunk start
+at the same position (chunk ``c`` at ``c * prefill_seq_len``); and a row's slots are written in order, so a position is
+always written (by its own run) before any query attends to it.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ import pytest
 
 from qgraph import QEFFAutoModelForCausalLM
 from qgraph.cache import is_complete, publish
+from qgraph.pass_manager import PassSpec
 
 
 @pytest.fixture(scope="module")
@@ -60,3 +61,28 @@ def test_a_published_directory_is_complete(tmp_path):
     with publish(target) as tmp:
         (tmp / "model.onnx").write_text("whole")
     assert is_complete(target) and (target / "model.onnx").read_text() == "whole"
+
+
+def test_an_edited_pass_gets_a_new_artifact(tmp_path, monkeypatch):
+    """The key covers the code of every pass in the pipeline: an edit never reuses a graph the old code wrote."""
+    import importlib.util
+    import sys
+
+    from qgraph.backend_api import CompileOptions
+    from qgraph.compiler import artifact_key, get_backend
+    from qgraph.registry import Registry
+
+    source = tmp_path / "my_pass.py"
+
+    def key_with(body: str) -> str:
+        source.write_text(f"class MyPass:\n    def call(self, model):\n        {body}\n")
+        spec = importlib.util.spec_from_file_location("my_pass", source)
+        module = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, "my_pass", module)
+        spec.loader.exec_module(module)
+        registry = Registry("pass")
+        registry.add("my-pass", module.MyPass)
+        return artifact_key("src", get_backend("ort"), [PassSpec("my-pass")], CompileOptions(), registry)
+
+    assert key_with("return model") == key_with("return model")
+    assert key_with("return model") != key_with("return None")

@@ -7,7 +7,7 @@ import onnx
 import pytest
 
 from qgraph import QEFFAutoModelForCausalLM
-from qgraph.backends.ort import _scatters_in_place
+from qgraph.backends.ort import _graph_structure, _state_updated_in_place
 from qgraph.runtime import greedy_generate
 from tests.parity import LONG_PROMPT, MY_NAME
 
@@ -61,5 +61,5 @@ def test_a_second_reader_of_a_buffer_forbids_sharing(compiled, tmp_path):
     path = tmp_path / "two_readers.onnx"
     onnx.save(model, str(path))
     states = [i.name for i in model.graph.input if i.name.startswith("past_")]
-    assert _scatters_in_place(compiled.onnx_path, states)
-    assert not _scatters_in_place(path, states)
+    assert _state_updated_in_place(_graph_structure(compiled.onnx_path), states)
+    assert not _state_updated_in_place(_graph_structure(path), states)

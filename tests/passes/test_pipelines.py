@@ -43,6 +43,7 @@ def test_ort_like_target_gets_its_fused_kernels_and_the_speed_rewrites():
         ("merge-parallel-matmuls", {}),
         ("shared-head-transpose", {}),
         ("rotary-embedding", {}),
+        ("group-query-attention", {}),
         ("last-token-logits", {}),
         ("cleanup", {}),
     ]

@@ -1,0 +1,365 @@
+"""Retained-state attention as ONNX Runtime's fused ``com.microsoft.GroupQueryAttention`` (GQA), cache updated in place.
+
+Why: after ``kv-retained-state`` every layer's attention is ~15 nodes per step: the K and V scatters into the
+``ctx_len`` buffers (with their index Expand and padding Where), the score MatMul against the transposed cache, scale,
+mask Add, Softmax, the probs MatMul, and the Reshape/Transpose/Split that put the heads in place. At batch 1 each node
+costs more in dispatch and copies than in arithmetic. ORT's GQA kernel does the cache write and the attention over
+only the valid slots in one node, reading the query, key and value straight from the projection.
+
+Matched, per layer (a graph left by ``kv-retained-state``, optionally after ``grouped-query-matmul``,
+``shared-head-transpose`` and ``rotary-embedding``)::
+
+    present_k = ScatterElements(past_key.i, idx, [Where(real, ] k [, 0)])     (axis 2; likewise present_v)
+    scores    = [Reshape(] MatMul([Reshape(] q [)], Transpose(repeat?(present_k), [0, 1, 3, 2])) [)]
+    probs     = Softmax(Add(Mul|Div(scores, c) | scores, causal_mask))
+    out       = Transpose([Reshape(] MatMul([Reshape(] probs [)], repeat?(present_v)) [)], [0, 2, 1, 3])
+
+(``repeat?``: eager GQA's K/V head repeat ``Reshape(Expand(Unsqueeze(x, 2)))``, if any; bracketed Reshapes: the
+grouped form ``grouped-query-matmul`` leaves.)
+
+``causal_mask`` must be the retained-state pass's plain causal mask (``Where(LessOrEqual(slots, position), 0, min)``):
+a sliding window, ALiBi, softcap or any other score term is not GQA's causal attention, and is left alone. q/k/v
+``[b, heads, s, d]`` are read back as ``[b, s, heads * d]``: the shared q/k/v projection itself (packed QKV) when they
+are the three parts of ``Split(Transpose(Reshape(qkv)))``, else each part's own projection, else a Transpose +
+Reshape is inserted. q and k through ``com.microsoft.RotaryEmbedding`` with the same cos/sin tables become GQA's own
+rotary (``do_rotary``).
+
+Contract (the runtime's, stated in ``qgraph.runtime``): in one run a row's real tokens sit at contiguous positions
+starting at its first column; padding (-1) only follows them. GQA derives positions from ``seqlens_k``: each row is
+given ``seqlens_k = start + s - 1`` where ``start`` is its first position (a row of padding only takes the batch's
+largest start), clamped so the write stays inside ``ctx_len``. So a chunk's padding columns are written to slots after
+the row's last token, which every later query writes itself before attending to it; the padding rows' q/k/v are zeroed
+so nothing non-finite enters ``probs @ V``. GQA updates ``past_*`` in place when the session binds each past/present
+pair to one buffer (the ORT backend does); otherwise it copies. Logits of real tokens equal the unfused graph's.
+
+Graph inputs/outputs unchanged; ``com.microsoft`` added to the opset imports. Idempotent (no scatter left to match).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+from qgraph.graph_utils import const, input_by_name, prepend
+from qgraph.pass_manager import CountedResult, GraphPass
+
+MS_DOMAIN = "com.microsoft"
+TO_KEYS_T = [0, 1, 3, 2]
+HEADS_LAYOUT = [0, 2, 1, 3]
+
+
+def _op(value: ir.Value | None, op_type: str, domain: str = "") -> ir.Node | None:
+    """The producer of ``value`` when it is ``op_type`` in ``domain``."""
+    node = value.producer() if value is not None else None
+    if node is None or node.op_type != op_type:
+        return None
+    return node if node.domain == domain or (domain == "" and node.domain == "ai.onnx") else None
+
+
+def _only_use(value: ir.Value, op_type: str) -> tuple[ir.Node, int] | None:
+    uses = list(value.uses())
+    if len(uses) != 1 or value.is_graph_output() or uses[0].node.op_type != op_type:
+        return None
+    return uses[0].node, uses[0].idx
+
+
+def _ints(value: ir.Value | None) -> list[int] | None:
+    tensor = ir.convenience.get_const_tensor(value) if value is not None else None
+    return None if tensor is None else [int(x) for x in np.asarray(tensor.numpy()).reshape(-1)]
+
+
+def _scalar(value: ir.Value | None) -> float | None:
+    tensor = ir.convenience.get_const_tensor(value) if value is not None else None
+    if tensor is None or tensor.size != 1:
+        return None
+    return float(np.asarray(tensor.numpy()).reshape(-1)[0])
+
+
+def _perm(node: ir.Node | None) -> list[int] | None:
+    return None if node is None else list(node.attributes.get_ints("perm", []) or [])
+
+
+def _static(shape: ir.Shape | None, index: int) -> int | None:
+    if shape is None or shape.rank() != 4 or not isinstance(shape[index], int):
+        return None
+    return shape[index]
+
+
+@dataclass
+class _Attention:
+    """One matched attention: the tensors GQA reads and the nodes whose outputs it replaces."""
+
+    query: ir.Value  # [b, heads, s, d]
+    key: ir.Value  # new keys [b, kv_heads, s, d]
+    value: ir.Value  # new values [b, kv_heads, s, d]
+    key_scatter: ir.Node
+    value_scatter: ir.Node
+    output_transpose: ir.Node  # [b, heads, s, d] -> [b, s, heads, d]
+    scale: float
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+
+class GroupQueryAttentionFusion(GraphPass):
+    """Retained-state attention (scatter, scores, mask, softmax, probs@V) -> ``com.microsoft.GroupQueryAttention``."""
+
+    name = "group-query-attention"
+    summary = "retained-state attention (K/V scatter, scores, causal mask, softmax, probs@V) -> com.microsoft GQA"
+
+    # --- matching -------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _retained(present: ir.Value) -> tuple[ir.Node, ir.Value] | None:
+        """(scatter, new K or V) when ``present`` is a retained-state buffer written by ScatterElements on axis 2."""
+        scatter = _op(present, "ScatterElements")
+        if scatter is None or scatter.attributes.get_int("axis", 0) not in (2, -2):
+            return None
+        past = scatter.inputs[0]
+        if past is None or not past.is_graph_input() or not present.is_graph_output():
+            return None
+        new = scatter.inputs[2]
+        zeroing = _op(new, "Where")
+        if zeroing is not None and _scalar(zeroing.inputs[2]) == 0.0:
+            new = zeroing.inputs[1]
+        return scatter, new
+
+    @staticmethod
+    def _unrepeated(value: ir.Value) -> ir.Value:
+        """``x`` for eager GQA's head repeat ``Reshape(Expand(Unsqueeze(x, 2)))``, else ``value``."""
+        expand = _op(_op(value, "Reshape").inputs[0], "Expand") if _op(value, "Reshape") else None
+        unsqueeze = _op(expand.inputs[0], "Unsqueeze") if expand is not None else None
+        return unsqueeze.inputs[0] if unsqueeze is not None and _ints(unsqueeze.inputs[1]) == [2] else value
+
+    @staticmethod
+    def _plain_causal(mask: ir.Value, position_ids: ir.Value) -> bool:
+        """``Where(LessOrEqual(slots, Unsqueeze(position_ids)), 0, min)``: the retained-state pass's causal mask."""
+        where = _op(mask, "Where")
+        if where is None or _scalar(where.inputs[1]) != 0.0:
+            return False
+        blocked = _scalar(where.inputs[2])
+        visible = _op(where.inputs[0], "LessOrEqual")
+        if blocked is None or blocked > -1e4 or visible is None:
+            return False
+        query = _op(visible.inputs[1], "Unsqueeze")
+        return query is not None and query.inputs[0] is position_ids and _ints(visible.inputs[0]) is not None
+
+    @staticmethod
+    def _grouped(node: ir.Node | None, a_index: int) -> tuple[ir.Node, ir.Value] | None:
+        """(MatMul, its A before grouping) for ``MatMul(A, B)`` or ``Reshape(MatMul(Reshape(A), B))``."""
+        if node is None:
+            return None
+        if node.op_type == "MatMul":
+            return node, node.inputs[0]
+        if node.op_type != "Reshape":
+            return None
+        matmul = _op(node.inputs[0], "MatMul") if a_index == 0 else None
+        if matmul is None:
+            return None
+        rows = _op(matmul.inputs[0], "Reshape")
+        return (matmul, rows.inputs[0]) if rows is not None else None
+
+    def _match(self, softmax: ir.Node, position_ids: ir.Value) -> _Attention | None:
+        add = _op(softmax.inputs[0], "Add")
+        if add is None or len(list(softmax.outputs[0].uses())) != 1:
+            return None
+        scores, mask = add.inputs
+        if not self._plain_causal(mask, position_ids):
+            scores, mask = mask, scores
+            if not self._plain_causal(mask, position_ids):
+                return None
+        scale = 1.0
+        scaling = scores.producer()
+        if scaling is not None and scaling.op_type in ("Mul", "Div"):
+            factor = _scalar(scaling.inputs[1])
+            if factor is None or factor == 0.0:
+                return None
+            scale = factor if scaling.op_type == "Mul" else 1.0 / factor
+            scores = scaling.inputs[0]
+        found = self._grouped(scores.producer(), 0)
+        if found is None:
+            return None
+        score_matmul, query = found
+        keys_t = _op(score_matmul.inputs[1], "Transpose")
+        if keys_t is None or _perm(keys_t) != TO_KEYS_T:
+            return None
+        keys = self._retained(self._unrepeated(keys_t.inputs[0]))
+        # probs @ V, grouped or not, then the transpose back to [b, s, heads, d]
+        use = list(softmax.outputs[0].uses())[0]
+        if use.node.op_type == "MatMul" and use.idx == 0:
+            probs_matmul, out = use.node, use.node.outputs[0]
+        else:
+            rows = _only_use(softmax.outputs[0], "Reshape")
+            probs_matmul_use = _only_use(rows[0].outputs[0], "MatMul") if rows else None
+            back = _only_use(probs_matmul_use[0].outputs[0], "Reshape") if probs_matmul_use else None
+            if back is None or probs_matmul_use[1] != 0:
+                return None
+            probs_matmul, out = probs_matmul_use[0], back[0].outputs[0]
+        values = self._retained(self._unrepeated(probs_matmul.inputs[1]))
+        transpose = _only_use(out, "Transpose")
+        if keys is None or values is None or transpose is None or _perm(transpose[0]) != HEADS_LAYOUT:
+            return None
+        heads, head_dim = _static(query.shape, 1), _static(query.shape, 3)
+        kv_heads = _static(keys[1].shape, 1)
+        if not heads or not head_dim or not kv_heads or heads % kv_heads:
+            return None
+        return _Attention(query, keys[1], values[1], keys[0], values[0], transpose[0], scale, heads, kv_heads, head_dim)
+
+    # --- rewriting ------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _unrotated(query: ir.Value, key: ir.Value) -> tuple[ir.Value, ir.Value, ir.Value | None, ir.Value | None]:
+        """Q and K before a shared com.microsoft.RotaryEmbedding (and its cos/sin tables), or as given."""
+        rq, rk = _op(query, "RotaryEmbedding", MS_DOMAIN), _op(key, "RotaryEmbedding", MS_DOMAIN)
+        if rq is None or rk is None or rq.inputs[2:4] != rk.inputs[2:4]:
+            return query, key, None, None
+        for node in (rq, rk):
+            if node.attributes.get_int("interleaved", 0) or node.attributes.get_int("rotary_embedding_dim", 0):
+                return query, key, None, None
+        return rq.inputs[0], rk.inputs[0], rq.inputs[2], rq.inputs[3]
+
+    @staticmethod
+    def _packed(parts: tuple[ir.Value, ir.Value, ir.Value], heads: int, kv_heads: int) -> ir.Value | None:
+        """``qkv [b, s, (heads + 2 kv_heads) * d]`` when q, k, v are the parts of Split(Transpose(Reshape(qkv)))."""
+        split = parts[0].producer()
+        if split is None or split.op_type != "Split" or list(split.outputs) != list(parts):
+            return None
+        if split.attributes.get_int("axis", 0) != 1 or _ints(split.inputs[1]) != [heads, kv_heads, kv_heads]:
+            return None
+        transpose = _op(split.inputs[0], "Transpose")
+        reshape = (
+            _op(transpose.inputs[0], "Reshape") if transpose is not None and _perm(transpose) == HEADS_LAYOUT else None
+        )
+        source = reshape.inputs[0] if reshape is not None else None
+        return source if source is not None and source.shape is not None and source.shape.rank() == 3 else None
+
+    @staticmethod
+    def _as_rows(x: ir.Value, new_nodes: list[ir.Node], flat: ir.Value) -> ir.Value:
+        """``x [b, n, s, d]`` as ``[b, s, n * d]``: the projection it was reshaped from, else Transpose + Reshape."""
+        transpose = _op(x, "Transpose")
+        reshape = (
+            _op(transpose.inputs[0], "Reshape") if transpose is not None and _perm(transpose) == HEADS_LAYOUT else None
+        )
+        if reshape is not None and reshape.inputs[0].shape is not None and reshape.inputs[0].shape.rank() == 3:
+            return reshape.inputs[0]
+        back = ir.node("Transpose", [x], {"perm": HEADS_LAYOUT})
+        rows = ir.node("Reshape", [back.outputs[0], flat])
+        new_nodes += [back, rows]
+        return rows.outputs[0]
+
+    @staticmethod
+    def _lengths(graph: ir.Graph, position_ids: ir.Value, input_ids: ir.Value, ctx_len: int) -> dict[str, ir.Value]:
+        """GQA's ``seqlens_k`` [b] / ``total_sequence_length`` [] (int32) and ``real`` [b, s, 1] from the positions."""
+        nodes: list[ir.Node] = []
+
+        def add(op: str, inputs: list[ir.Value], **attrs) -> ir.Value:
+            nodes.append(ir.node(op, inputs, attrs))
+            return nodes[-1].outputs[0]
+
+        def constant(values, dtype) -> ir.Value:
+            nodes.append(const(values, dtype))
+            return nodes[-1].outputs[0]
+
+        zero, one = constant([0], np.int64), constant([1], np.int64)
+        seq = add("Shape", [input_ids], start=1, end=2)  # [1]
+        first = add("Slice", [position_ids, zero, one, one])  # [b, 1]
+        batch_start = add("ReduceMax", [first], keepdims=1)  # [1, 1]
+        start = add("Where", [add("GreaterOrEqual", [first, zero]), first, batch_start])
+        last_start = add("Sub", [constant([ctx_len], np.int64), seq])
+        start = add("Max", [add("Min", [start, last_start]), zero])
+        seqlens = add("Sub", [add("Add", [start, seq]), one])  # [b, 1]
+        seqlens_k = add("Cast", [add("Reshape", [seqlens, constant([-1], np.int64)])], to=ir.DataType.INT32)
+        total = add("Cast", [add("Add", [add("ReduceMax", [seqlens], keepdims=0), one])], to=ir.DataType.INT32)
+        total = add("Reshape", [total, constant([], np.int64)])  # scalar
+        real = add("Unsqueeze", [add("GreaterOrEqual", [position_ids, zero]), constant([2], np.int64)])
+        for value, name in ((seqlens_k, "gqa_seqlens_k"), (total, "gqa_total_sequence_length"), (real, "gqa_real")):
+            value.name = name
+        prepend(graph, nodes)
+        return {"seqlens_k": seqlens_k, "total": total, "real": real}
+
+    def _inputs(
+        self, attn: _Attention, real: ir.Value, flat: ir.Value, new_nodes: list[ir.Node]
+    ) -> tuple[list[ir.Value | None], ir.Value | None, ir.Value | None]:
+        """GQA's query/key/value (key and value None when packed) and rotary cos/sin tables (None: no rotary).
+
+        K and V (all of a packed QKV) are zeroed on padding rows, whose slots GQA may read as ``0 * value``."""
+        query, key, cos, sin = self._unrotated(attn.query, attn.key)
+        zero = const(np.zeros((), dtype=(attn.value.dtype or ir.DataType.FLOAT).numpy()))
+        new_nodes.append(zero)
+
+        def zeroed(x: ir.Value) -> ir.Value:
+            new_nodes.append(ir.node("Where", [real, x, zero.outputs[0]]))
+            return new_nodes[-1].outputs[0]
+
+        packed = self._packed((query, key, attn.value), attn.heads, attn.kv_heads)
+        if packed is not None:
+            return [zeroed(packed), None, None], cos, sin
+        q = self._as_rows(query, new_nodes, flat)
+        k = zeroed(self._as_rows(key, new_nodes, flat))
+        v = zeroed(self._as_rows(attn.value, new_nodes, flat))
+        return [q, k, v], cos, sin
+
+    def call(self, model: ir.Model) -> CountedResult:
+        graph = model.graph
+        position_ids, input_ids = input_by_name(graph, "position_ids"), input_by_name(graph, "input_ids")
+        if position_ids is None or input_ids is None:
+            return self.result(model, fused=0)
+        softmaxes = [n for n in graph if n.op_type == "Softmax"]
+        matches = [m for m in (self._match(n, position_ids) for n in softmaxes) if m]
+        unfused = len(softmaxes) - len(matches)  # a Softmax outside the matched form (a window, softcap, bias, ...)
+        if not matches:
+            return self.result(model, fused=0, softmax_left_unfused=unfused)
+        ctx_len = matches[0].key_scatter.inputs[0].shape[2]
+        lengths = self._lengths(graph, position_ids, input_ids, ctx_len)
+        flat = const([0, 0, -1], np.int64)
+        prepend(graph, [flat])
+        packed_count = rotary_count = 0
+        for attn in matches:
+            new_nodes: list[ir.Node] = []
+            qkv, cos, sin = self._inputs(attn, lengths["real"], flat.outputs[0], new_nodes)
+            packed_count += qkv[1] is None
+            rotary = cos is not None
+            rotary_count += rotary
+            gqa = ir.node(
+                "GroupQueryAttention",
+                [
+                    *qkv,
+                    attn.key_scatter.inputs[0],
+                    attn.value_scatter.inputs[0],
+                    lengths["seqlens_k"],
+                    lengths["total"],
+                    *((cos, sin) if rotary else ()),
+                ],
+                {
+                    "num_heads": attn.heads,
+                    "kv_num_heads": attn.kv_heads,
+                    "scale": float(attn.scale),
+                    "do_rotary": int(rotary),
+                    "rotary_interleaved": 0,
+                },
+                domain=MS_DOMAIN,
+                num_outputs=3,
+                name=f"{attn.output_transpose.name}_gqa",
+            )
+            new_nodes.append(gqa)
+            out = attn.output_transpose.outputs[0]
+            ir.convenience.replace_nodes_and_values(
+                graph,
+                attn.output_transpose,
+                [attn.output_transpose, attn.key_scatter, attn.value_scatter],
+                new_nodes,
+                [out, attn.key_scatter.outputs[0], attn.value_scatter.outputs[0]],
+                list(gqa.outputs),
+            )
+            # replace_nodes_and_values copied the 4D [b, s, heads, d] shape; GQA's output is [b, s, heads * d]
+            gqa.outputs[0].shape = None
+        RemoveUnusedNodesPass()(model)  # score chains, scatter indices, rotary nodes nothing reads now
+        model.opset_imports.setdefault(MS_DOMAIN, 1)
+        return self.result(
+            model,
+            fused=len(matches),
+            packed_qkv=packed_count,
+            rotary_absorbed=rotary_count,
+            softmax_left_unfused=unfused,
+        )
