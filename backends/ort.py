@@ -69,6 +69,9 @@ class OrtDecoderSession:
         logits = self.session.get_outputs()[0]
         self.logits_name = logits.name
         self.last_token_only = len(logits.shape) == 3 and logits.shape[1] == 1
+        self.vocab_size = logits.shape[-1] if isinstance(logits.shape[-1], int) else None
+        self.logits_dtype = _numpy_dtype(logits.type)
+        self._logits_buffers: dict[tuple[int, int], tuple[np.ndarray, Any]] = {}
         graph = _graph_structure(model_path)
         self.in_place = _state_updated_in_place(graph, self.state_names)
         # ORT's CPU GroupQueryAttention takes a later prompt chunk (past context, s > 1) for one row at a time
@@ -132,11 +135,28 @@ class OrtDecoderSession:
     def _run(self, binding, ids: np.ndarray, pos: np.ndarray) -> np.ndarray:
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
         binding.bind_cpu_input("position_ids", np.ascontiguousarray(pos, dtype=np.int64))
-        binding.bind_output(self.logits_name, "cpu")  # rebinding keeps its slot; last run's buffer is not reused
+        buffer = self._logits_buffer(*ids.shape)
+        if buffer is None:
+            binding.bind_output(self.logits_name, "cpu")  # rebinding keeps its slot; last run's buffer is not reused
+        else:
+            binding.bind_ortvalue_output(self.logits_name, buffer[1])
         start = time.perf_counter()
         self.session.run_with_iobinding(binding)
         self.device_seconds += time.perf_counter() - start
+        if buffer is not None:  # a copy: the caller may keep it past the next run, which rewrites the buffer
+            return buffer[0].astype(np.float32, copy=True)
         return binding.get_outputs()[0].numpy().astype(np.float32, copy=False)
+
+    def _logits_buffer(self, batch: int, width: int) -> tuple[np.ndarray, Any] | None:
+        """A reused logits buffer when the output shape is known ahead: ``get_outputs`` wraps every output (all the
+        KV buffers too), ~0.25 ms a step on a 30-layer model."""
+        if self.vocab_size is None:
+            return None
+        shape = (batch, 1 if self.last_token_only else width)
+        if shape not in self._logits_buffers:
+            array = np.empty((*shape, self.vocab_size), dtype=self.logits_dtype)
+            self._logits_buffers[shape] = (array, self._ort.OrtValue.ortvalue_from_numpy(array))
+        return self._logits_buffers[shape]
 
     def _run_rows(self, ids: np.ndarray, pos: np.ndarray) -> np.ndarray:
         """A later prompt chunk of a batch, one row at a time over that row's views of the buffers."""
