@@ -121,6 +121,11 @@ class OrtDecoderSession:
         if self._binding is None:
             raise QGraphError("OrtDecoderSession.run before reset(batch_size)")
         width = input_ids.shape[1]
+        if width > self.ctx_len or position_ids.max(initial=-1) >= self.ctx_len:
+            raise QGraphError(
+                f"a run of {width} tokens up to position {position_ids.max(initial=-1)} does not fit ctx_len "
+                f"{self.ctx_len} (positions 0..{self.ctx_len - 1}); compile with a larger ctx_len"
+            )
         ids, pos = _without_trailing_padding(input_ids, position_ids)
         if self.rows_one_by_one and ids.shape[0] > 1 and ids.shape[1] > 1 and pos[:, 0].max() > 0:
             logits = self._run_rows(ids, pos)

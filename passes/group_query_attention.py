@@ -205,6 +205,10 @@ class GroupQueryAttentionFusion(GraphPass):
         kv_heads = _static(keys[1].shape, 1)
         if not heads or not head_dim or not kv_heads or heads % kv_heads:
             return None
+        # GQA has one head size and one KV head count for K and V alike
+        same = (_static(keys[1].shape, 3), _static(values[1].shape, 1), _static(values[1].shape, 3))
+        if same != (head_dim, kv_heads, head_dim):
+            return None
         return _Attention(query, keys[1], values[1], keys[0], values[0], transpose[0], scale, heads, kv_heads, head_dim)
 
     # --- rewriting ------------------------------------------------------------------------------------------------

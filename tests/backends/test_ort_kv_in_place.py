@@ -3,11 +3,13 @@ graph allows it, and gives exactly the tokens of the two-buffer ping-pong it rep
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import pytest
 
 from qgraph import QEFFAutoModelForCausalLM
 from qgraph.backends.ort import _graph_structure, _state_updated_in_place
+from qgraph.errors import QGraphError
 from qgraph.runtime import greedy_generate
 from tests.parity import LONG_PROMPT, MY_NAME
 
@@ -63,3 +65,26 @@ def test_a_second_reader_of_a_buffer_forbids_sharing(compiled, tmp_path):
     states = [i.name for i in model.graph.input if i.name.startswith("past_")]
     assert _state_updated_in_place(_graph_structure(compiled.onnx_path), states)
     assert not _state_updated_in_place(_graph_structure(path), states)
+
+
+def test_a_position_outside_the_buffers_is_refused_not_clamped(compiled):
+    """The fused attention derives write slots from positions; one past ctx_len must fail loudly, never land in
+    another slot."""
+    session = compiled.artifact.load()
+    session.reset(1)
+    with pytest.raises(QGraphError, match="does not fit ctx_len 64"):
+        session.run(np.array([[5]]), np.array([[64]]))
+    with pytest.raises(QGraphError, match="does not fit ctx_len 64"):
+        session.run(np.zeros((1, 65), np.int64), np.arange(65)[None])
+
+
+def test_all_padding_columns_change_nothing(compiled):
+    """Columns that are padding in every row give the same logits and the same next step as no such columns."""
+    ids = np.array([[5, 9, 0, 0], [7, 0, 0, 0]])
+    pos = np.array([[0, 1, -1, -1], [0, -1, -1, -1]])
+    padded, trimmed = compiled.artifact.load(), compiled.artifact.load()
+    padded.reset(2)
+    trimmed.reset(2)
+    np.testing.assert_array_equal(padded.run(ids, pos), trimmed.run(ids[:, :2], pos[:, :2]))
+    step_ids, step_pos = np.array([[11], [12]]), np.array([[2], [1]])
+    np.testing.assert_array_equal(padded.run(step_ids, step_pos), trimmed.run(step_ids, step_pos))
