@@ -43,7 +43,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from qgraph.graph_utils import const, input_by_name, prepend
+from qgraph.graph_utils import const, derived_name, input_by_name, prepend
 from qgraph.pass_manager import CountedResult, GraphPass
 
 MS_DOMAIN = "com.microsoft"
@@ -344,7 +344,7 @@ class GroupQueryAttentionFusion(GraphPass):
                 },
                 domain=MS_DOMAIN,
                 num_outputs=3,
-                name=f"{attn.output_transpose.name}_gqa",
+                name=derived_name(attn.output_transpose, "gqa"),
             )
             new_nodes.append(gqa)
             out = attn.output_transpose.outputs[0]

@@ -22,6 +22,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
+from qgraph.graph_utils import derived_name
 from qgraph.pass_manager import CountedResult, GraphPass
 
 
@@ -109,13 +110,13 @@ class GroupedQueryMatMul(GraphPass):
                 b = kv
                 if transpose is not None:
                     if id(transpose) not in transposed:
-                        t = ir.node("Transpose", [kv], {"perm": [0, 1, 3, 2]}, name=f"{transpose.name}_grouped")
+                        t = ir.node("Transpose", [kv], {"perm": [0, 1, 3, 2]}, name=derived_name(transpose, "grouped"))
                         graph.insert_before(matmul, [t])
                         transposed[id(transpose)] = t.outputs[0]
                     b = transposed[id(transpose)]
-                a_grouped = ir.node("Reshape", [matmul.inputs[0], grouped], name=f"{matmul.name}_group_rows")
-                product = ir.node("MatMul", [a_grouped.outputs[0], b], name=f"{matmul.name}_grouped")
-                back = ir.node("Reshape", [product.outputs[0], ungrouped], name=f"{matmul.name}_ungroup_rows")
+                a_grouped = ir.node("Reshape", [matmul.inputs[0], grouped], name=derived_name(matmul, "group_rows"))
+                product = ir.node("MatMul", [a_grouped.outputs[0], b], name=derived_name(matmul, "grouped"))
+                back = ir.node("Reshape", [product.outputs[0], ungrouped], name=derived_name(matmul, "ungroup_rows"))
                 back.outputs[0].shape = matmul.outputs[0].shape
                 back.outputs[0].type = matmul.outputs[0].type
                 ir.convenience.replace_nodes_and_values(

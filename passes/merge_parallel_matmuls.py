@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
 
+from qgraph.graph_utils import derived_name
 from qgraph.pass_manager import CountedResult, GraphPass
 
 
@@ -65,9 +67,9 @@ class MergeParallelMatMuls(GraphPass):
             sizes.const_value = ir.tensor(np.array([x.shape[1] for x in arrays], np.int64), name=sizes.name)
             graph.register_initializer(sizes)
             first = siblings[0]
-            matmul = ir.node("MatMul", [a, w], name=f"{first.name}_merged")
+            matmul = ir.node("MatMul", [a, w], name=derived_name(first, "merged"))
             split = ir.node("Split", [matmul.outputs[0], sizes], {"axis": -1}, num_outputs=len(siblings))
-            split.name = f"{first.name}_split"
+            split.name = derived_name(first, "split")
             if a.shape is not None:  # shaped like A, the columns of all siblings: later passes read its rank
                 matmul.outputs[0].shape = ir.Shape([*a.shape.dims[:-1], w.shape[1]])
             matmul.outputs[0].type = w.type
@@ -84,6 +86,6 @@ class MergeParallelMatMuls(GraphPass):
                 graph.remove(old, safe=True)
             groups += 1
             merged += len(siblings)
-        for init_name in [n for n, v in graph.initializers.items() if not v.uses() and not v.is_graph_output()]:
-            del graph.initializers[init_name]
+        if groups:
+            RemoveUnusedNodesPass()(model)  # the per-projection weights nothing reads now
         return self.result(model, groups=groups, matmuls_merged=merged)

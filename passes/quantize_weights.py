@@ -34,7 +34,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from qgraph.graph_utils import add_initializer
+from qgraph.graph_utils import add_initializer, derived_name
 from qgraph.pass_manager import CountedResult, GraphPass
 
 MS_DOMAIN = "com.microsoft"
@@ -183,7 +183,7 @@ class QuantizeWeights(GraphPass):
             ]
             if self.accuracy_level:
                 attributes.append(ir.AttrInt64("accuracy_level", self.accuracy_level))
-            new = ir.Node(MS_DOMAIN, "MatMulNBits", inputs, attributes, name=f"{node.name}_MatMulNBits")
+            new = ir.Node(MS_DOMAIN, "MatMulNBits", inputs, attributes, name=derived_name(node, "MatMulNBits"))
             new.outputs[0].shape = node.outputs[0].shape
             new.outputs[0].type = node.outputs[0].type
             ir.convenience.replace_nodes_and_values(graph, node, [node], [new], node.outputs, new.outputs)

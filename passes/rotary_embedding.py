@@ -23,7 +23,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from qgraph.graph_utils import add_initializer
+from qgraph.graph_utils import add_initializer, derived_name
 from qgraph.pass_manager import CountedResult, GraphPass
 
 MS_DOMAIN = "com.microsoft"
@@ -165,7 +165,7 @@ class RotaryEmbeddingFusion(GraphPass):
                 [x, clamped, cos_cache, sin_cache],
                 {"interleaved": 0},
                 domain=MS_DOMAIN,
-                name=f"{add.name}_rotary",
+                name=derived_name(add, "rotary"),
             )
             rotary.outputs[0].shape, rotary.outputs[0].type = add.outputs[0].shape, add.outputs[0].type
             ir.convenience.replace_nodes_and_values(graph, add, [add], [rotary], add.outputs, rotary.outputs)

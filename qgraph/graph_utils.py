@@ -20,6 +20,12 @@ def const(values, dtype=None, name: str | None = None) -> ir.Node:
     return node
 
 
+def derived_name(node: ir.Node, suffix: str) -> str | None:
+    """A name for a node that replaces or derives from ``node``: its name plus ``suffix``, or none when it has none
+    (ONNX allows many unnamed nodes, not two of one name; ``"_suffix"`` alone would repeat)."""
+    return f"{node.name}_{suffix}" if node.name else None
+
+
 def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     """Register ``array`` as a typed, shaped initializer ``name`` of ``graph``; returns its value."""
     value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)))

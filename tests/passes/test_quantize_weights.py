@@ -177,3 +177,26 @@ def test_float_zero_points_reproduce_q4_1_blocks_exactly(tmp_path):
     x = rng.normal(0, 1, (4, k)).astype(np.float32)
     y = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"x": x})[0]
     np.testing.assert_allclose(y, x @ w, rtol=1e-5, atol=1e-5)
+
+
+def test_unnamed_matmuls_give_a_loadable_graph(tmp_path):
+    """Nodes without names (legal ONNX) must not all become ``_MatMulNBits``: ORT refuses two nodes of one name."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal((64, 64), dtype=np.float32), f"w{i}") for i in range(2)]
+    nodes = [helper.make_node("MatMul", ["x", f"w{i}"], [f"y{i}"]) for i in range(2)]
+    graph = helper.make_graph(
+        nodes,
+        "unnamed",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [1, 64]) for i in range(2)],
+        weights,
+    )
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    [report] = run_pipeline(model, [PassSpec("quantize-weights", {"bits": 4, "min_elements": 0})])
+    assert report.counts["quantized"] == 2
+    path = tmp_path / "q.onnx"
+    ir.save(model, path)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [o.shape for o in session.run(None, {"x": np.ones((1, 64), np.float32)})] == [(1, 64), (1, 64)]
