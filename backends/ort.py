@@ -199,6 +199,13 @@ def _graph_structure(model_path: Path):
     return onnx.load(str(model_path), load_external_data=False).graph
 
 
+# Activation types ONNX Runtime 1.32 registers com.microsoft.GroupQueryAttention kernels for, per provider
+# (CUDA: float16 / bfloat16 only, contrib_ops/cuda/bert/group_query_attention.cc).
+_GQA_KERNEL_TYPES = {
+    "CPUExecutionProvider": frozenset({"float32", "float16"}),
+    "CUDAExecutionProvider": frozenset({"float16"}),
+}
+
 # (op_type, domain) -> {index of a past_* input: index of the output it updates}
 _STATE_UPDATES = {
     ("ScatterElements", ""): {0: 0},
@@ -259,7 +266,15 @@ class OrtBackend:
         return ort.__version__
 
     def pipeline(self, options: CompileOptions) -> list[PassSpec]:
-        return standard_pipeline(self.capabilities, options)
+        """The standard pipeline, without ``group-query-attention`` where the provider that would run it has no
+        GroupQueryAttention kernel for the graph's activation type (ORT would place the node on the CPU, with copies
+        to and from the device around every layer)."""
+        specs = standard_pipeline(self.capabilities, options)
+        provider = (list(options.extra.get("providers") or []) or ["CPUExecutionProvider"])[0]
+        activations = "float16" if options.precision == "float16" else "float32"
+        if activations not in _GQA_KERNEL_TYPES.get(provider, frozenset()):
+            specs = [s for s in specs if s.name != "group-query-attention"]
+        return specs
 
     def compile(self, model: ir.Model, options: CompileOptions, artifact_dir: Path) -> None:
         settings = dict(options.extra.get("session_options") or {})

@@ -18,7 +18,8 @@ Matched, per layer (a graph left by ``kv-retained-state``, optionally after ``gr
 grouped form ``grouped-query-matmul`` leaves.)
 
 ``causal_mask`` must be the retained-state pass's plain causal mask (``Where(LessOrEqual(slots, position), 0, min)``):
-a sliding window, ALiBi, softcap or any other score term is not GQA's causal attention, and is left alone. q/k/v
+a sliding window, ALiBi, softcap or any other score term is not GQA's causal attention, and is left alone (counted,
+with any other Softmax such as a MoE router's, as ``softmax_left_unfused``). q/k/v
 ``[b, heads, s, d]`` are read back as ``[b, s, heads * d]``: the shared q/k/v projection itself (packed QKV) when they
 are the three parts of ``Split(Transpose(Reshape(qkv)))``, else each part's own projection, else a Transpose +
 Reshape is inserted. q and k through ``com.microsoft.RotaryEmbedding`` with the same cos/sin tables become GQA's own
@@ -311,7 +312,7 @@ class GroupQueryAttentionFusion(GraphPass):
             return self.result(model, fused=0)
         softmaxes = [n for n in graph if n.op_type == "Softmax"]
         matches = [m for m in (self._match(n, position_ids) for n in softmaxes) if m]
-        unfused = len(softmaxes) - len(matches)  # a Softmax outside the matched form (a window, softcap, bias, ...)
+        unfused = len(softmaxes) - len(matches)  # outside the matched form: a window, softcap, bias, a MoE router
         if not matches:
             return self.result(model, fused=0, softmax_left_unfused=unfused)
         ctx_len = matches[0].key_scatter.inputs[0].shape[2]

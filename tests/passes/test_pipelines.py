@@ -75,3 +75,23 @@ def test_a_float16_only_target_gets_a_clipped_float32_graph_and_the_function_rms
 
 def test_a_target_without_fused_norms_or_state_gets_cleanup_only():
     assert _names(PLAIN) == [("cleanup", {})]
+
+
+@pytest.mark.parametrize(
+    ("providers", "precision", "fused"),
+    [
+        (None, "float32", True),
+        (["CPUExecutionProvider"], "int4", True),
+        (["CUDAExecutionProvider", "CPUExecutionProvider"], "float16", True),
+        (["CUDAExecutionProvider", "CPUExecutionProvider"], "float32", False),  # CUDA's GQA: float16/bfloat16 only
+        (["CUDAExecutionProvider", "CPUExecutionProvider"], "int8", False),  # float32 activations
+        (["SomeOtherExecutionProvider"], "float32", False),  # no kernel known: attention stays standard ops
+    ],
+)
+def test_ort_fuses_attention_only_where_its_first_provider_has_the_kernel(providers, precision, fused):
+    from qgraph.backends.ort import OrtBackend
+
+    extra = {"providers": providers} if providers else {}
+    options = CompileOptions(precision=precision, extra=extra)
+    names = [s.name for s in OrtBackend().pipeline(options)]
+    assert ("group-query-attention" in names) == fused
