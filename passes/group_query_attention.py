@@ -17,13 +17,13 @@ Matched, per layer (a graph left by ``kv-retained-state``, optionally after ``gr
 (``repeat?``: eager GQA's K/V head repeat ``Reshape(Expand(Unsqueeze(x, 2)))``, if any; bracketed Reshapes: the
 grouped form ``grouped-query-matmul`` leaves.)
 
-``causal_mask`` must be the retained-state pass's plain causal mask (``Where(LessOrEqual(slots, position), 0, min)``):
-a sliding window, ALiBi, softcap or any other score term is not GQA's causal attention, and is left alone (counted,
-with any other Softmax such as a MoE router's, as ``softmax_left_unfused``). q/k/v
-``[b, heads, s, d]`` are read back as ``[b, s, heads * d]``: the shared q/k/v projection itself (packed QKV) when they
-are the three parts of ``Split(Transpose(Reshape(qkv)))``, else each part's own projection, else a Transpose +
-Reshape is inserted. q and k through ``com.microsoft.RotaryEmbedding`` with the same cos/sin tables become GQA's own
-rotary (``do_rotary``).
+``causal_mask`` must be the retained-state pass's causal mask (``Where(LessOrEqual(slots, position), 0, min)``),
+optionally with its sliding window (``And`` with ``slots > position - w``: GQA's ``local_window_size = w``).
+ALiBi, softcap or any other score term is not GQA's attention and is left alone (counted, with any other Softmax such
+as a MoE router's, as ``softmax_left_unfused``). q/k/v ``[b, heads, s, d]`` are read back as ``[b, s, heads * d]``:
+the shared q/k/v projection itself (packed QKV) when they are the three parts of ``Split(Transpose(Reshape(qkv)))``,
+else each part's own projection, else a Transpose + Reshape is inserted. q and k through
+``com.microsoft.RotaryEmbedding`` with the same cos/sin tables become GQA's own rotary (``do_rotary``).
 
 Contract (the runtime's, stated in ``qgraph.runtime``): in one run a row's real tokens sit at contiguous positions
 starting at its first column; padding (-1) only follows them. GQA derives positions from ``seqlens_k``: each row is
@@ -103,6 +103,7 @@ class _Attention:
     heads: int
     kv_heads: int
     head_dim: int
+    local_window: int  # GQA's local_window_size: -1, or how many keys a query sees (its own included)
 
 
 class GroupQueryAttentionFusion(GraphPass):
@@ -135,17 +136,36 @@ class GroupQueryAttentionFusion(GraphPass):
         return unsqueeze.inputs[0] if unsqueeze is not None and _ints(unsqueeze.inputs[1]) == [2] else value
 
     @staticmethod
-    def _plain_causal(mask: ir.Value, position_ids: ir.Value) -> bool:
-        """``Where(LessOrEqual(slots, Unsqueeze(position_ids)), 0, min)``: the retained-state pass's causal mask."""
+    def _causal_window(mask: ir.Value, position_ids: ir.Value) -> int | None:
+        """GQA's ``local_window_size`` for the retained-state pass's additive causal mask, else None.
+
+        ``Where(LessOrEqual(slots, q), 0, min)`` -> -1 (no window); with a sliding window ``w``,
+        ``Where(And(LessOrEqual(slots, q), Greater(slots, Sub(q, w))), 0, min)`` -> ``w``: ONNX Runtime 1.32's CPU
+        kernel lets a query see ``w`` keys, its own included (checked against the mask in the pass's tests).
+        ``q`` is ``Unsqueeze(position_ids)``.
+        """
         where = _op(mask, "Where")
         if where is None or _scalar(where.inputs[1]) != 0.0:
-            return False
+            return None
         blocked = _scalar(where.inputs[2])
+        if blocked is None or blocked > -1e4:
+            return None
+        window = -1
         visible = _op(where.inputs[0], "LessOrEqual")
-        if blocked is None or blocked > -1e4 or visible is None:
-            return False
+        both = _op(where.inputs[0], "And")
+        if both is not None:
+            visible, inside = _op(both.inputs[0], "LessOrEqual"), _op(both.inputs[1], "Greater")
+            oldest = _op(inside.inputs[1], "Sub") if inside is not None else None
+            width = _scalar(oldest.inputs[1]) if oldest is not None else None
+            if visible is None or width is None or width < 1 or inside.inputs[0] is not visible.inputs[0]:
+                return None
+            if oldest.inputs[0] is not visible.inputs[1]:
+                return None
+            window = int(width)
+        if visible is None or _ints(visible.inputs[0]) is None:
+            return None
         query = _op(visible.inputs[1], "Unsqueeze")
-        return query is not None and query.inputs[0] is position_ids and _ints(visible.inputs[0]) is not None
+        return window if query is not None and query.inputs[0] is position_ids else None
 
     @staticmethod
     def _grouped(node: ir.Node | None, a_index: int) -> tuple[ir.Node, ir.Value] | None:
@@ -167,9 +187,11 @@ class GroupQueryAttentionFusion(GraphPass):
         if add is None or len(list(softmax.outputs[0].uses())) != 1:
             return None
         scores, mask = add.inputs
-        if not self._plain_causal(mask, position_ids):
+        window = self._causal_window(mask, position_ids)
+        if window is None:
             scores, mask = mask, scores
-            if not self._plain_causal(mask, position_ids):
+            window = self._causal_window(mask, position_ids)
+            if window is None:
                 return None
         scale = 1.0
         scaling = scores.producer()
@@ -210,7 +232,9 @@ class GroupQueryAttentionFusion(GraphPass):
         same = (_static(keys[1].shape, 3), _static(values[1].shape, 1), _static(values[1].shape, 3))
         if same != (head_dim, kv_heads, head_dim):
             return None
-        return _Attention(query, keys[1], values[1], keys[0], values[0], transpose[0], scale, heads, kv_heads, head_dim)
+        return _Attention(
+            query, keys[1], values[1], keys[0], values[0], transpose[0], scale, heads, kv_heads, head_dim, window
+        )
 
     # --- rewriting ------------------------------------------------------------------------------------------------
     @staticmethod
@@ -342,6 +366,7 @@ class GroupQueryAttentionFusion(GraphPass):
                     "scale": float(attn.scale),
                     "do_rotary": int(rotary),
                     "rotary_interleaved": 0,
+                    "local_window_size": attn.local_window,
                 },
                 domain=MS_DOMAIN,
                 num_outputs=3,

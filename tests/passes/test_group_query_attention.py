@@ -41,7 +41,20 @@ def _steps(model: ir.Model, tmp_path, name: str) -> list[np.ndarray]:
             ([[13], [0]], [[7], [-1]]),  # the second row has finished
         ],
     )
-    run_all(1, [([[5, 9, 17, 33]], [[0, 1, 2, 3]]), ([[41, 2, 7, 0]], [[4, 5, 6, -1]]), ([[8]], [[7]])])
+    later = list(range(8, 20))  # past a sliding window of 12 (tests/tiny_models.py)
+    run_all(
+        1,
+        [
+            ([[5, 9, 17, 33]], [[0, 1, 2, 3]]),
+            ([[41, 2, 7, 0]], [[4, 5, 6, -1]]),
+            ([[8]], [[7]]),
+            ([[(7 * p) % 100 + 4 for p in later]], [later]),
+            ([[10]], [[20]]),
+            ([[11]], [[21]]),
+        ],
+    )
+    first = list(range(16))  # a first chunk longer than the window
+    run_all(1, [([[(3 * p) % 100 + 4 for p in first]], [first]), ([[12]], [[16]])])
     return got
 
 
@@ -53,7 +66,8 @@ def _fused(model: ir.Model, prep: list[str]) -> dict[str, int]:
 
 @pytest.mark.parametrize(
     ("arch", "packed", "rotary"),
-    [("llama", True, True), ("qwen2", False, True), ("gpt2", True, False)],  # qwen2: q/k/v biases, not merged
+    # qwen2: q/k/v biases, not merged; mistral: sliding window (GQA's local_window_size)
+    [("llama", True, True), ("qwen2", False, True), ("gpt2", True, False), ("mistral", True, True)],
 )
 def test_attention_fuses_after_the_ort_passes_and_logits_are_unchanged(one_layer_model, tmp_path, arch, packed, rotary):
     model = one_layer_model(arch, retained=True)
@@ -95,9 +109,9 @@ def test_every_layer_of_a_two_layer_model_fuses(retained_model):
     assert counts["fused"] == N_LAYERS and counts["softmax_left_unfused"] == 0
 
 
-@pytest.mark.parametrize("arch", ["mistral", "gemma2"])
+@pytest.mark.parametrize("arch", ["gemma2", "bloom"])
 def test_attention_gqa_cannot_express_is_left_alone(retained_model, arch):
-    """A sliding window (mistral) or score softcapping (gemma2) is not GQA's plain causal attention."""
+    """Score softcapping (gemma2) or an ALiBi bias (bloom) is not GQA's causal attention."""
     model = retained_model(arch)
     run_pipeline(model, [PassSpec(p) for p in ORT_PREP])
     hist = op_histogram(model)
