@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
+from qgraph.graph_utils import initializer_value
+
 WEIGHT_PRODUCTS = {("", "MatMul"), ("", "Gemm"), ("com.microsoft", "MatMulNBits")}
 
 
@@ -65,7 +67,7 @@ def matmul_only_graph(model: ir.Model) -> tuple[ir.Model, int, dict[str, int]]:
             if array is not None:
                 if id(value) not in weights:
                     name = value.name or f"{node.name}_input{index}"
-                    weights[id(value)] = _initializer(name, np.ascontiguousarray(array))
+                    weights[id(value)] = initializer_value(name, np.ascontiguousarray(array))
                 value = weights[id(value)]
             operands.append(value)
         product = ir.Node(node.domain, node.op_type, operands, list(node.attributes.values()), name=node.name)
@@ -84,13 +86,6 @@ def matmul_only_graph(model: ir.Model) -> tuple[ir.Model, int, dict[str, int]]:
     )
     model_out = ir.Model(graph, ir_version=model.ir_version)
     return model_out, weight_bytes, {v.name: k for k, v in inputs.items()}
-
-
-def _initializer(name: str, array: np.ndarray) -> ir.Value:
-    """A standalone initializer value (the new graph owns it; the compiled model keeps its own)."""
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)))
-    value.const_value = ir.tensor(array, name=name)
-    return value
 
 
 def _median_ms(fn, repeats: int, warmup: int = 5) -> float:

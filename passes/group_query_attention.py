@@ -44,7 +44,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from qgraph.graph_utils import const, derived_name, input_by_name, prepend
+from qgraph.graph_utils import const, const_ints, derived_name, input_by_name, prepend, producer_op
 from qgraph.pass_manager import CountedResult, GraphPass
 
 MS_DOMAIN = "com.microsoft"
@@ -52,24 +52,11 @@ TO_KEYS_T = [0, 1, 3, 2]
 HEADS_LAYOUT = [0, 2, 1, 3]
 
 
-def _op(value: ir.Value | None, op_type: str, domain: str = "") -> ir.Node | None:
-    """The producer of ``value`` when it is ``op_type`` in ``domain``."""
-    node = value.producer() if value is not None else None
-    if node is None or node.op_type != op_type:
-        return None
-    return node if node.domain == domain or (domain == "" and node.domain == "ai.onnx") else None
-
-
 def _only_use(value: ir.Value, op_type: str) -> tuple[ir.Node, int] | None:
     uses = list(value.uses())
     if len(uses) != 1 or value.is_graph_output() or uses[0].node.op_type != op_type:
         return None
     return uses[0].node, uses[0].idx
-
-
-def _ints(value: ir.Value | None) -> list[int] | None:
-    tensor = ir.convenience.get_const_tensor(value) if value is not None else None
-    return None if tensor is None else [int(x) for x in np.asarray(tensor.numpy()).reshape(-1)]
 
 
 def _scalar(value: ir.Value | None) -> float | None:
@@ -81,6 +68,14 @@ def _scalar(value: ir.Value | None) -> float | None:
 
 def _perm(node: ir.Node | None) -> list[int] | None:
     return None if node is None else list(node.attributes.get_ints("perm", []) or [])
+
+
+def _heads_reshape(x: ir.Value) -> ir.Node | None:
+    """The Reshape when ``x`` is ``Transpose(Reshape(rows), [0, 2, 1, 3])``: heads split off a projection."""
+    transpose = producer_op(x, "Transpose")
+    if transpose is None or _perm(transpose) != HEADS_LAYOUT:
+        return None
+    return producer_op(transpose.inputs[0], "Reshape")
 
 
 def _static(shape: ir.Shape | None, index: int) -> int | None:
@@ -102,7 +97,6 @@ class _Attention:
     scale: float
     heads: int
     kv_heads: int
-    head_dim: int
     local_window: int  # GQA's local_window_size: -1, or how many keys a query sees (its own included)
 
 
@@ -116,14 +110,14 @@ class GroupQueryAttentionFusion(GraphPass):
     @staticmethod
     def _retained(present: ir.Value) -> tuple[ir.Node, ir.Value] | None:
         """(scatter, new K or V) when ``present`` is a retained-state buffer written by ScatterElements on axis 2."""
-        scatter = _op(present, "ScatterElements")
+        scatter = producer_op(present, "ScatterElements")
         if scatter is None or scatter.attributes.get_int("axis", 0) not in (2, -2):
             return None
         past = scatter.inputs[0]
         if past is None or not past.is_graph_input() or not present.is_graph_output():
             return None
         new = scatter.inputs[2]
-        zeroing = _op(new, "Where")
+        zeroing = producer_op(new, "Where")
         if zeroing is not None and _scalar(zeroing.inputs[2]) == 0.0:
             new = zeroing.inputs[1]
         return scatter, new
@@ -131,9 +125,10 @@ class GroupQueryAttentionFusion(GraphPass):
     @staticmethod
     def _unrepeated(value: ir.Value) -> ir.Value:
         """``x`` for eager GQA's head repeat ``Reshape(Expand(Unsqueeze(x, 2)))``, else ``value``."""
-        expand = _op(_op(value, "Reshape").inputs[0], "Expand") if _op(value, "Reshape") else None
-        unsqueeze = _op(expand.inputs[0], "Unsqueeze") if expand is not None else None
-        return unsqueeze.inputs[0] if unsqueeze is not None and _ints(unsqueeze.inputs[1]) == [2] else value
+        reshape = producer_op(value, "Reshape")
+        expand = producer_op(reshape.inputs[0], "Expand") if reshape is not None else None
+        unsqueeze = producer_op(expand.inputs[0], "Unsqueeze") if expand is not None else None
+        return unsqueeze.inputs[0] if unsqueeze is not None and const_ints(unsqueeze.inputs[1]) == [2] else value
 
     @staticmethod
     def _causal_window(mask: ir.Value, position_ids: ir.Value) -> int | None:
@@ -144,27 +139,27 @@ class GroupQueryAttentionFusion(GraphPass):
         kernel lets a query see ``w`` keys, its own included (checked against the mask in the pass's tests).
         ``q`` is ``Unsqueeze(position_ids)``.
         """
-        where = _op(mask, "Where")
+        where = producer_op(mask, "Where")
         if where is None or _scalar(where.inputs[1]) != 0.0:
             return None
         blocked = _scalar(where.inputs[2])
         if blocked is None or blocked > -1e4:
             return None
         window = -1
-        visible = _op(where.inputs[0], "LessOrEqual")
-        both = _op(where.inputs[0], "And")
+        visible = producer_op(where.inputs[0], "LessOrEqual")
+        both = producer_op(where.inputs[0], "And")
         if both is not None:
-            visible, inside = _op(both.inputs[0], "LessOrEqual"), _op(both.inputs[1], "Greater")
-            oldest = _op(inside.inputs[1], "Sub") if inside is not None else None
+            visible, inside = producer_op(both.inputs[0], "LessOrEqual"), producer_op(both.inputs[1], "Greater")
+            oldest = producer_op(inside.inputs[1], "Sub") if inside is not None else None
             width = _scalar(oldest.inputs[1]) if oldest is not None else None
             if visible is None or width is None or width < 1 or inside.inputs[0] is not visible.inputs[0]:
                 return None
             if oldest.inputs[0] is not visible.inputs[1]:
                 return None
             window = int(width)
-        if visible is None or _ints(visible.inputs[0]) is None:
+        if visible is None or const_ints(visible.inputs[0]) is None:
             return None
-        query = _op(visible.inputs[1], "Unsqueeze")
+        query = producer_op(visible.inputs[1], "Unsqueeze")
         return window if query is not None and query.inputs[0] is position_ids else None
 
     @staticmethod
@@ -176,14 +171,14 @@ class GroupQueryAttentionFusion(GraphPass):
             return node, node.inputs[0]
         if node.op_type != "Reshape":
             return None
-        matmul = _op(node.inputs[0], "MatMul") if a_index == 0 else None
+        matmul = producer_op(node.inputs[0], "MatMul") if a_index == 0 else None
         if matmul is None:
             return None
-        rows = _op(matmul.inputs[0], "Reshape")
+        rows = producer_op(matmul.inputs[0], "Reshape")
         return (matmul, rows.inputs[0]) if rows is not None else None
 
     def _match(self, softmax: ir.Node, position_ids: ir.Value) -> _Attention | None:
-        add = _op(softmax.inputs[0], "Add")
+        add = producer_op(softmax.inputs[0], "Add")
         if add is None or len(list(softmax.outputs[0].uses())) != 1:
             return None
         scores, mask = add.inputs
@@ -205,7 +200,7 @@ class GroupQueryAttentionFusion(GraphPass):
         if found is None:
             return None
         score_matmul, query = found
-        keys_t = _op(score_matmul.inputs[1], "Transpose")
+        keys_t = producer_op(score_matmul.inputs[1], "Transpose")
         if keys_t is None or _perm(keys_t) != TO_KEYS_T:
             return None
         keys = self._retained(self._unrepeated(keys_t.inputs[0]))
@@ -232,15 +227,13 @@ class GroupQueryAttentionFusion(GraphPass):
         same = (_static(keys[1].shape, 3), _static(values[1].shape, 1), _static(values[1].shape, 3))
         if same != (head_dim, kv_heads, head_dim):
             return None
-        return _Attention(
-            query, keys[1], values[1], keys[0], values[0], transpose[0], scale, heads, kv_heads, head_dim, window
-        )
+        return _Attention(query, keys[1], values[1], keys[0], values[0], transpose[0], scale, heads, kv_heads, window)
 
     # --- rewriting ------------------------------------------------------------------------------------------------
     @staticmethod
     def _unrotated(query: ir.Value, key: ir.Value) -> tuple[ir.Value, ir.Value, ir.Value | None, ir.Value | None]:
         """Q and K before a shared com.microsoft.RotaryEmbedding (and its cos/sin tables), or as given."""
-        rq, rk = _op(query, "RotaryEmbedding", MS_DOMAIN), _op(key, "RotaryEmbedding", MS_DOMAIN)
+        rq, rk = producer_op(query, "RotaryEmbedding", MS_DOMAIN), producer_op(key, "RotaryEmbedding", MS_DOMAIN)
         if rq is None or rk is None or rq.inputs[2:4] != rk.inputs[2:4]:
             return query, key, None, None
         for node in (rq, rk):
@@ -254,22 +247,16 @@ class GroupQueryAttentionFusion(GraphPass):
         split = parts[0].producer()
         if split is None or split.op_type != "Split" or list(split.outputs) != list(parts):
             return None
-        if split.attributes.get_int("axis", 0) != 1 or _ints(split.inputs[1]) != [heads, kv_heads, kv_heads]:
+        if split.attributes.get_int("axis", 0) != 1 or const_ints(split.inputs[1]) != [heads, kv_heads, kv_heads]:
             return None
-        transpose = _op(split.inputs[0], "Transpose")
-        reshape = (
-            _op(transpose.inputs[0], "Reshape") if transpose is not None and _perm(transpose) == HEADS_LAYOUT else None
-        )
+        reshape = _heads_reshape(split.inputs[0])
         source = reshape.inputs[0] if reshape is not None else None
         return source if source is not None and source.shape is not None and source.shape.rank() == 3 else None
 
     @staticmethod
     def _as_rows(x: ir.Value, new_nodes: list[ir.Node], flat: ir.Value) -> ir.Value:
         """``x [b, n, s, d]`` as ``[b, s, n * d]``: the projection it was reshaped from, else Transpose + Reshape."""
-        transpose = _op(x, "Transpose")
-        reshape = (
-            _op(transpose.inputs[0], "Reshape") if transpose is not None and _perm(transpose) == HEADS_LAYOUT else None
-        )
+        reshape = _heads_reshape(x)
         if reshape is not None and reshape.inputs[0].shape is not None and reshape.inputs[0].shape.rank() == 3:
             return reshape.inputs[0]
         back = ir.node("Transpose", [x], {"perm": HEADS_LAYOUT})

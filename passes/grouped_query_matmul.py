@@ -22,17 +22,8 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from qgraph.graph_utils import derived_name
+from qgraph.graph_utils import const_ints, derived_name
 from qgraph.pass_manager import CountedResult, GraphPass
-
-
-def _const_ints(value: ir.Value | None) -> list[int] | None:
-    if value is None or value.const_value is None:
-        producer = value.producer() if value is not None else None
-        if producer is not None and producer.op_type == "Constant" and "value" in producer.attributes:
-            return [int(x) for x in np.asarray(producer.attributes["value"].value.numpy()).reshape(-1)]
-        return None
-    return [int(x) for x in np.asarray(value.const_value.numpy()).reshape(-1)]
 
 
 def _static(dim) -> int | None:
@@ -64,7 +55,7 @@ class GroupedQueryMatMul(GraphPass):
         unsqueeze = expand.inputs[0].producer()
         if unsqueeze is None or unsqueeze.op_type != "Unsqueeze":
             return None
-        axes = _const_ints(unsqueeze.inputs[1]) if len(unsqueeze.inputs) > 1 else None
+        axes = const_ints(unsqueeze.inputs[1]) if len(unsqueeze.inputs) > 1 else None
         if axes != [2]:
             return None
         kv = unsqueeze.inputs[0]

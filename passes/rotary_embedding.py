@@ -23,27 +23,11 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from qgraph.graph_utils import add_initializer, derived_name
+from qgraph.graph_utils import add_initializer, const_ints, derived_name, producer_op
 from qgraph.pass_manager import CountedResult, GraphPass
 
 MS_DOMAIN = "com.microsoft"
 THROUGH = {"Cast", "Unsqueeze", "Reshape", "Transpose", "Squeeze", "Identity"}
-
-
-def _producer(value: ir.Value | None, op: str) -> ir.Node | None:
-    node = value.producer() if value is not None else None
-    return node if node is not None and node.op_type == op and node.domain in ("", "ai.onnx") else None
-
-
-def _ints(value: ir.Value | None) -> list[int] | None:
-    if value is None:
-        return None
-    if value.const_value is not None:
-        return [int(x) for x in np.asarray(value.const_value.numpy()).reshape(-1)]
-    node = value.producer()
-    if node is not None and node.op_type == "Constant" and "value" in node.attributes:
-        return [int(x) for x in np.asarray(node.attributes["value"].value.numpy()).reshape(-1)]
-    return None
 
 
 def _from_position_ids(value: ir.Value) -> bool:
@@ -59,10 +43,10 @@ def _from_position_ids(value: ir.Value) -> bool:
 
 def _frequencies(trig: ir.Node) -> np.ndarray | None:
     """``inv_freq`` when ``trig`` is Cos/Sin(Concat(f, f)) with f = Mul(positions, inv_freq)."""
-    concat = _producer(trig.inputs[0], "Concat")
+    concat = producer_op(trig.inputs[0], "Concat")
     if concat is None or len(concat.inputs) != 2 or concat.inputs[0] is not concat.inputs[1]:
         return None
-    mul = _producer(concat.inputs[0], "Mul")
+    mul = producer_op(concat.inputs[0], "Mul")
     if mul is None:
         return None
     for pos, freq in ((mul.inputs[0], mul.inputs[1]), (mul.inputs[1], mul.inputs[0])):
@@ -81,29 +65,29 @@ class RotaryEmbeddingFusion(GraphPass):
         """(x, inv_freq) when ``add`` ends a rotate_half RoPE of x, else None."""
         if add.op_type != "Add" or add.domain not in ("", "ai.onnx"):
             return None
-        muls = [_producer(v, "Mul") for v in add.inputs]
+        muls = [producer_op(v, "Mul") for v in add.inputs]
         if any(m is None for m in muls):
             return None
         for m_cos, m_sin in (muls, muls[::-1]):
-            concat = next((_producer(v, "Concat") for v in m_sin.inputs if _producer(v, "Concat")), None)
-            sin_u = next((v for v in m_sin.inputs if _producer(v, "Concat") is None), None)
+            concat = next((producer_op(v, "Concat") for v in m_sin.inputs if producer_op(v, "Concat")), None)
+            sin_u = next((v for v in m_sin.inputs if producer_op(v, "Concat") is None), None)
             if concat is None or len(concat.inputs) != 2:
                 continue
-            neg, first_half = _producer(concat.inputs[0], "Neg"), _producer(concat.inputs[1], "Slice")
-            second_half = _producer(neg.inputs[0], "Slice") if neg is not None else None
+            neg, first_half = producer_op(concat.inputs[0], "Neg"), producer_op(concat.inputs[1], "Slice")
+            second_half = producer_op(neg.inputs[0], "Slice") if neg is not None else None
             if first_half is None or second_half is None or first_half.inputs[0] is not second_half.inputs[0]:
                 continue
             x = first_half.inputs[0]
             if x.shape is None or len(x.shape) != 4 or not isinstance(x.shape[3], int):
                 continue
             d = x.shape[3]
-            if _ints(first_half.inputs[1]) != [0] or _ints(first_half.inputs[2]) != [d // 2]:
+            if const_ints(first_half.inputs[1]) != [0] or const_ints(first_half.inputs[2]) != [d // 2]:
                 continue
-            if _ints(second_half.inputs[1]) != [d // 2] or (_ints(second_half.inputs[2]) or [0])[0] < d:
+            if const_ints(second_half.inputs[1]) != [d // 2] or (const_ints(second_half.inputs[2]) or [0])[0] < d:
                 continue
             for s in (first_half, second_half):
-                axes = _ints(s.inputs[3]) if len(s.inputs) > 3 else None
-                if axes not in ([3], [-1]) or (len(s.inputs) > 4 and _ints(s.inputs[4]) not in (None, [1])):
+                axes = const_ints(s.inputs[3]) if len(s.inputs) > 3 else None
+                if axes not in ([3], [-1]) or (len(s.inputs) > 4 and const_ints(s.inputs[4]) not in (None, [1])):
                     break
             else:
                 if x not in m_cos.inputs:
@@ -121,10 +105,10 @@ class RotaryEmbeddingFusion(GraphPass):
 
     @staticmethod
     def _trig(value: ir.Value | None, op: str) -> ir.Node | None:
-        unsqueeze = _producer(value, "Unsqueeze")
-        if unsqueeze is None or _ints(unsqueeze.inputs[1]) != [1]:
+        unsqueeze = producer_op(value, "Unsqueeze")
+        if unsqueeze is None or const_ints(unsqueeze.inputs[1]) != [1]:
             return None
-        return _producer(unsqueeze.inputs[0], op)
+        return producer_op(unsqueeze.inputs[0], op)
 
     def call(self, model: ir.Model) -> CountedResult:
         graph = model.graph

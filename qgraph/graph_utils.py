@@ -26,12 +26,32 @@ def derived_name(node: ir.Node, suffix: str) -> str | None:
     return f"{node.name}_{suffix}" if node.name else None
 
 
-def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    """Register ``array`` as a typed, shaped initializer ``name`` of ``graph``; returns its value."""
+def initializer_value(name: str, array: np.ndarray) -> ir.Value:
+    """A typed, shaped value holding ``array``, ready to register as an initializer of some graph."""
     value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)))
     value.const_value = ir.tensor(array, name=name)
+    return value
+
+
+def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """Register ``array`` as a typed, shaped initializer ``name`` of ``graph``; returns its value."""
+    value = initializer_value(name, array)
     graph.register_initializer(value)
     return value
+
+
+def producer_op(value: ir.Value | None, op_type: str, domain: str = "") -> ir.Node | None:
+    """The node producing ``value`` when it is ``op_type`` of ``domain`` ("" also matches "ai.onnx"), else None."""
+    node = value.producer() if value is not None else None
+    if node is None or node.op_type != op_type:
+        return None
+    return node if node.domain == domain or (domain == "" and node.domain == "ai.onnx") else None
+
+
+def const_ints(value: ir.Value | None) -> list[int] | None:
+    """The integers a constant value holds (an initializer or a ``Constant`` node's output), flattened; else None."""
+    tensor = ir.convenience.get_const_tensor(value) if value is not None else None
+    return None if tensor is None else [int(x) for x in np.asarray(tensor.numpy()).reshape(-1)]
 
 
 def data_dependents(graph: ir.Graph, sources: Iterable[ir.Value]) -> set[ir.Value]:
