@@ -39,20 +39,30 @@ def tensor_digest(named_tensors: Iterator[tuple[str, Any]]) -> str:
 
 
 def code_digest(objects: Iterator[Any]) -> str:
-    """Digest of the source files that define ``objects`` (classes): an edited pass or backend is a new artifact.
+    """Digest of the source that defines ``objects`` (classes) and of qgraph itself: an edited pass, backend, or
+    helper they call is a new artifact.
 
-    A version number alone would miss an edit in a development checkout, and a stale compiled graph that no longer
-    matches its passes is worse than a recompile.
+    A class counts with every module of its package (a pass's helpers live beside it; a plugin module outside any
+    package counts alone). A version number alone would miss an edit in a development checkout, and a stale compiled
+    graph that no longer matches its passes is worse than a recompile.
     """
+    h = hashlib.blake2b(digest_size=16)
+    files = {path for name in {__name__, *(obj.__module__ for obj in objects)} for path in _source_files(name)}
+    for path in sorted(files):
+        h.update(str(path).encode() + b"|" + path.read_bytes())
+    return h.hexdigest()
+
+
+def _source_files(module_name: str) -> list[Path]:
+    """The ``.py`` files of the package ``module_name`` belongs to, or its own file when it is in no package."""
     import sys
 
-    h = hashlib.blake2b(digest_size=16)
-    files = {getattr(sys.modules.get(obj.__module__), "__file__", None) or "" for obj in objects}
-    for path in sorted(files):
-        h.update(path.encode() + b"|")
-        if path and os.path.isfile(path):
-            h.update(Path(path).read_bytes())
-    return h.hexdigest()
+    package = sys.modules.get(module_name.rpartition(".")[0]) if "." in module_name else None
+    folders = list(getattr(package, "__path__", []))
+    if folders:
+        return [path for folder in folders for path in Path(folder).glob("*.py")]
+    file = getattr(sys.modules.get(module_name), "__file__", None)
+    return [Path(file)] if file and os.path.isfile(file) else []
 
 
 @contextmanager

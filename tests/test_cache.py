@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from qgraph import QEFFAutoModelForCausalLM
@@ -66,7 +68,6 @@ def test_a_published_directory_is_complete(tmp_path):
 def test_an_edited_pass_gets_a_new_artifact(tmp_path, monkeypatch):
     """The key covers the code of every pass in the pipeline: an edit never reuses a graph the old code wrote."""
     import importlib.util
-    import sys
 
     from qgraph.backend_api import CompileOptions
     from qgraph.compiler import artifact_key, get_backend
@@ -86,3 +87,30 @@ def test_an_edited_pass_gets_a_new_artifact(tmp_path, monkeypatch):
 
     assert key_with("return model") == key_with("return model")
     assert key_with("return model") != key_with("return None")
+
+
+def test_an_edited_helper_beside_a_pass_gets_a_new_artifact(tmp_path, monkeypatch):
+    """A pass's package counts whole: editing a helper module it imports changes the key as editing it would."""
+    import importlib
+
+    from qgraph.backend_api import CompileOptions
+    from qgraph.compiler import artifact_key, get_backend
+    from qgraph.registry import Registry
+
+    package = tmp_path / "my_passes"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "helpers.py").write_text("SCALE = 1\n")
+    (package / "scale.py").write_text("from my_passes.helpers import SCALE\n\nclass ScalePass:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("my_passes", "my_passes.helpers", "my_passes.scale"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    registry = Registry("pass")
+    registry.add("scale", importlib.import_module("my_passes.scale").ScalePass)
+
+    def key() -> str:
+        return artifact_key("src", get_backend("ort"), [PassSpec("scale")], CompileOptions(), registry)
+
+    before = key()
+    (package / "helpers.py").write_text("SCALE = 2\n")
+    assert key() != before
