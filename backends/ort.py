@@ -199,6 +199,11 @@ def _graph_structure(model_path: Path):
     return onnx.load(str(model_path), load_external_data=False).graph
 
 
+def _providers(options: CompileOptions) -> list[str]:
+    """The ORT providers asked for (``providers=`` on compile), in priority order; the CPU by default."""
+    return list(options.extra.get("providers") or ["CPUExecutionProvider"])
+
+
 # Activation types ONNX Runtime 1.32 registers com.microsoft.GroupQueryAttention kernels for, per provider
 # (CUDA: float16 / bfloat16 only, contrib_ops/cuda/bert/group_query_attention.cc).
 _GQA_KERNEL_TYPES = {
@@ -270,7 +275,7 @@ class OrtBackend:
         GroupQueryAttention kernel for the graph's activation type (ORT would place the node on the CPU, with copies
         to and from the device around every layer)."""
         specs = standard_pipeline(self.capabilities, options)
-        provider = (list(options.extra.get("providers") or []) or ["CPUExecutionProvider"])[0]
+        provider = _providers(options)[0]
         activations = "float16" if options.precision == "float16" else "float32"
         if activations not in _GQA_KERNEL_TYPES.get(provider, frozenset()):
             specs = [s for s in specs if s.name != "group-query-attention"]
@@ -278,7 +283,7 @@ class OrtBackend:
 
     def compile(self, model: ir.Model, options: CompileOptions, artifact_dir: Path) -> None:
         settings = dict(options.extra.get("session_options") or {})
-        providers = list(options.extra.get("providers") or ["CPUExecutionProvider"])
+        providers = _providers(options)
         _session_options(settings)  # reject bad settings now, not at first generate
         ir.save(model, artifact_dir / MODEL_FILE, external_data=MODEL_FILE + ".data")
         (artifact_dir / SETTINGS_FILE).write_text(
