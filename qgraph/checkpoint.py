@@ -63,7 +63,7 @@ class Checkpoint:
         """The floating dtype most weights are stored in, from the first safetensors header (else the config)."""
         for path in self.weight_files:
             if path.suffix == ".safetensors":
-                header = _safetensors_header(path)
+                header = safetensors_header(path)
                 kinds = Counter(
                     _SAFETENSORS_DTYPES[t["dtype"]]
                     for name, t in header.items()
@@ -75,7 +75,7 @@ class Checkpoint:
         return str(named) if named else None
 
 
-def _safetensors_header(path: Path) -> dict[str, Any]:
+def safetensors_header(path: Path) -> dict[str, Any]:
     """The JSON header of a safetensors file (8-byte little-endian length, then the header): names, dtypes, shapes."""
     with path.open("rb") as f:
         (length,) = struct.unpack("<Q", f.read(8))
