@@ -113,6 +113,7 @@ def llama_1b_dir(cache_dir: Path = DEFAULT_CACHE_DIR) -> Path:
         with torch.device("meta"):
             model = LlamaForCausalLM(config)
         model = model.to_empty(device="cpu").to(torch.bfloat16)
+        model.tie_weights()  # to_empty gives the tied LM head a storage of its own
         with torch.no_grad():
             for name, param in model.named_parameters():
                 if name.endswith("norm.weight"):
