@@ -17,6 +17,7 @@ import math
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -25,55 +26,52 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
 PROMPT_LEN, CTX_LEN, PREFILL = 16, 256, 16
+STAGES = ("export", "compile", "generate")  # each in its own process, in this order, over one cache
 
 
-def _child(model_dir: str, cache_dir: str, new_tokens: int) -> dict:
-    """Runs in the child: from_pretrained -> export -> compile -> generate, each stage timed with its own peak RSS."""
+def _child(stage: str, model_dir: str, cache_dir: str, new_tokens: int) -> dict:
+    """One stage in this fresh process (the earlier stages' results come from the shared cache): its wall time and
+    the process's peak RSS (VmHWM) from start to end, so a stage's peak is never hidden by another's."""
     sys.path.insert(0, str(Path(__file__).parent / "runners"))
-    from _common import peak_rss_mb, reset_peak_rss
+    from _common import peak_rss_mb
 
     from qgraph.api import QEFFAutoModelForCausalLM
     from qgraph.runtime import greedy_generate
 
-    stages: dict[str, dict] = {}
-
-    def stage(name: str, fn):
-        reset_peak_rss()
-        start = time.perf_counter()
-        value = fn()
-        stages[name] = {"seconds": round(time.perf_counter() - start, 1), "peak_rss_mib": round(peak_rss_mb())}
-        return value
-
-    model = stage("from_pretrained", lambda: QEFFAutoModelForCausalLM.from_pretrained(model_dir, cache_dir=cache_dir))
-    stage("export", model.export)
-    stage("compile", lambda: model.compile(prefill_seq_len=PREFILL, ctx_len=CTX_LEN, batch_size=1))
-    session = stage("load session", model.artifact.load)
-    prompt = [[128000 + 0] + list(range(1000, 1000 + PROMPT_LEN - 1))]
-
-    def decode():
+    start = time.perf_counter()
+    model = QEFFAutoModelForCausalLM.from_pretrained(model_dir, cache_dir=cache_dir)
+    result: dict = {}
+    if stage == "export":
+        model.export()
+    else:
+        model.compile(prefill_seq_len=PREFILL, ctx_len=CTX_LEN, batch_size=1)
+        result["compile_reused"] = model.artifact.reused
+    if stage == "generate":
+        session = model.artifact.load()
+        prompt = [list(range(1000, 1000 + PROMPT_LEN))]
         times = []
         for _ in range(3):  # the first is warm-up
             _, stats, _ = greedy_generate(session, prompt, 1, new_tokens, eos_token_ids=set())
             times.append(1000 * stats.decode_s / max(1, stats.decode_tokens))
-        return sorted(times[1:])[len(times[1:]) // 2]
-
-    ms_per_token = stage("generate", decode)
-    weight_bytes = sum(p.stat().st_size for p in model.artifact.directory.iterdir() if p.name.startswith("model.onnx"))
-    return {
-        "stages": stages,
-        "decode_ms_per_token": ms_per_token,
-        "artifact_bytes": weight_bytes,
-        "model_loaded_after_compile": model.model_loaded,
+        result["decode_ms_per_token"] = statistics.median(times[1:])
+        result["artifact_bytes"] = sum(
+            p.stat().st_size for p in model.artifact.directory.iterdir() if p.name.startswith("model.onnx")
+        )
+    return result | {
+        "seconds": round(time.perf_counter() - start, 1),
+        "peak_rss_mib": round(peak_rss_mb()),
+        "torch_imported": "torch" in sys.modules,
+        "model_loaded_at_end": model.model_loaded,
     }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(_child(args.child[0], args.child[1], args.new_tokens)))
+        print(json.dumps(_child(*args.child, args.new_tokens)))
         return 0
 
     from benchmarks.bandwidth import read_bandwidth_gbs
@@ -89,19 +87,22 @@ def main() -> int:
         if name != "__metadata__"
     )
     cache = Path(tempfile.mkdtemp(prefix="qgraph-scale-"))
+    stages, progress = {}, []
     try:
         command = [sys.executable, "-m", "benchmarks.scale", "--new-tokens", str(args.new_tokens), "--child"]
-        done = subprocess.run([*command, str(model_dir), str(cache)], capture_output=True, text=True)
-        if done.returncode != 0:
-            print(done.stderr[-4000:], file=sys.stderr)
-            return 1
-        result = json.loads(done.stdout.strip().splitlines()[-1])
-        progress = [line for line in done.stderr.splitlines() if line.startswith("qgraph:")]
+        for stage in STAGES:
+            done = subprocess.run([*command, stage, str(model_dir), str(cache)], capture_output=True, text=True)
+            if done.returncode != 0:
+                print(done.stderr[-4000:], file=sys.stderr)
+                return 1
+            stages[stage] = json.loads(done.stdout.strip().splitlines()[-1])
+            progress += [f"[{stage} process] {line}" for line in done.stderr.splitlines() if line.startswith("qgraph:")]
     finally:
         shutil.rmtree(cache, ignore_errors=True)
     gbs = read_bandwidth_gbs()["read_gbs"]
     float32_bytes = 4 * n_params
-    floor_ms = 1000 * result["artifact_bytes"] / (gbs * 1e9)
+    generate = stages["generate"]
+    floor_ms = 1000 * generate["artifact_bytes"] / (gbs * 1e9)
     report = {
         "command": "python -m benchmarks.scale",
         "date": time.strftime("%Y-%m-%d %H:%M"),
@@ -113,8 +114,10 @@ def main() -> int:
         "float32_weight_bytes": float32_bytes,
         "bandwidth_gbs": gbs,
         "floor_ms": floor_ms,
-        **result,
-        "export_peak_over_float32_bytes": result["stages"]["export"]["peak_rss_mib"] * 2**20 / float32_bytes,
+        "stages": stages,
+        "decode_ms_per_token": generate["decode_ms_per_token"],
+        "artifact_bytes": generate["artifact_bytes"],
+        "export_peak_over_float32_bytes": stages["export"]["peak_rss_mib"] * 2**20 / float32_bytes,
         "progress_lines": progress,
     }
     RESULTS.mkdir(exist_ok=True)
@@ -135,18 +138,20 @@ def _markdown(r: dict) -> str:
         f"checkpoint {r['checkpoint_bytes'] / 1e9:.2f} GB "
         f"(bfloat16), float32 weights {r['float32_weight_bytes'] / 1e9:.2f} GB.",
         "",
-        "| stage (one fresh process) | wall s | peak RSS MiB | peak RSS / float32 weight bytes |",
-        "|---|---|---|---|",
+        "| process (fresh, one stage each) | wall s | peak RSS MiB | peak RSS / float32 weights | torch imported |",
+        "|---|---|---|---|---|",
     ]
     for name, s in r["stages"].items():
         ratio = s["peak_rss_mib"] * 2**20 / r["float32_weight_bytes"]
-        lines.append(f"| {name} | {s['seconds']} | {s['peak_rss_mib']:,} | {ratio:.2f}x |")
+        torch_imported = "yes" if s["torch_imported"] else "no"
+        lines.append(f"| {name} | {s['seconds']} | {s['peak_rss_mib']:,} | {ratio:.2f}x | {torch_imported} |")
     lines += [
         "",
         f"Decode (batch 1, {PROMPT_LEN}-token prompt, ctx_len {CTX_LEN}, median of 2 after a warm-up): "
         f"{r['decode_ms_per_token']:.1f} ms/token; floor (artifact bytes {r['artifact_bytes'] / 1e9:.2f} GB / "
         f"bandwidth) {r['floor_ms']:.1f} ms; {r['decode_ms_per_token'] / r['floor_ms']:.2f}x the floor.",
-        f"Torch model still loaded after compile: {r['model_loaded_after_compile']}.",
+        "The export process loads the bfloat16 checkpoint as float32, exports, and releases the torch model; the "
+        "compile process starts from the cached export; the generate process finds the compiled artifact cached.",
         "",
         "Progress lines printed by qgraph:",
         "",
