@@ -14,7 +14,7 @@ from typing import Any
 
 from qgraph import __version__
 from qgraph.backend_api import CompileOptions
-from qgraph.cache import DEFAULT_CACHE_DIR, digest, is_complete, publish, tensor_digest
+from qgraph.cache import cache_root, digest, publish, reuse, tensor_digest
 from qgraph.compiler import ONNX_FILE, CompiledArtifact, compile_onnx, get_backend, unused_options
 from qgraph.errors import ModelNotFoundError, QGraphError
 from qgraph.pass_manager import PassSpec, parse_pipeline
@@ -75,7 +75,7 @@ class QEFFAutoModelForCausalLM:
 
     def __init__(self, model, cache_dir: str | Path | None = None, verbose: bool = True):
         self.model = model
-        self.cache_dir = Path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR
+        self.cache_dir = cache_root(cache_dir)
         self.verbose = verbose
         self._source_key: str | None = None
         self._vanilla_path: Path | None = None
@@ -116,12 +116,10 @@ class QEFFAutoModelForCausalLM:
             )
         return self._source_key
 
-    def export(self) -> Path:
-        """The vanilla ONNX export (cached); returns its path."""
-        if self._vanilla_path is not None:
-            return self._vanilla_path
+    def export(self, verify: bool = False) -> Path:
+        """The vanilla ONNX export (cached; a damaged entry is rebuilt, ``verify`` re-hashes it); returns its path."""
         directory = self.cache_dir / "exports" / f"{type(self.model).__name__}-{self.source_key}"
-        if not is_complete(directory):
+        if not reuse(directory, verify):
             import onnx_ir as ir
 
             from qgraph.export import export_vanilla
@@ -148,12 +146,16 @@ class QEFFAutoModelForCausalLM:
         num_cores: int | None = None,
         precision: str = "float32",
         passes: str | Sequence[str] | None = None,
+        verify: bool = False,
         **backend_options: Any,
     ) -> Path:
         """Export (if needed), run the backend's passes and compile; returns the artifact directory.
 
         Options a backend does not act on (e.g. ``num_cores`` on ONNX Runtime) are accepted and listed in a note.
+        ``verify`` re-hashes every cached file reused instead of trusting unchanged sizes and mtimes. A compile that
+        fails leaves the model uncompiled (never holding the previous artifact unannounced).
         """
+        self.artifact, self._session = None, None
         target = get_backend(backend)
         options = CompileOptions(
             prefill_seq_len=prefill_seq_len,
@@ -171,9 +173,9 @@ class QEFFAutoModelForCausalLM:
             specs = parse_pipeline(passes) if isinstance(passes, str) else [PassSpec(p) for p in passes]
         else:
             specs = target.pipeline(options)  # before the export: a request the target refuses fails at once
-        vanilla = self.export()
+        vanilla = self.export(verify)
         self.artifact = compile_onnx(
-            vanilla, self.source_key, target, options, self.cache_dir, specs, verbose=self.verbose
+            vanilla, self.source_key, target, options, self.cache_dir, specs, verbose=self.verbose, verify=verify
         )
         if self.verbose:
             verb = "reusing compiled artifact" if self.artifact.reused else "compiled artifact written to"
