@@ -141,3 +141,25 @@ def test_cli_decoding_flags_match_the_api(llama, tiny_model_dir, tokenizer, cach
     argv += ["--cache-dir", str(cache_dir), "--do-sample", "--temperature", "2", "--seed", "3", "--max-new-tokens", "6"]
     assert main(argv) == 0
     assert capsys.readouterr().out.startswith(f"{MY_NAME}{expected}\n")
+
+
+def test_generate_from_four_threads_gives_each_call_its_own_result(llama, tokenizer):
+    """4 threads x 10 calls with 1-3 prompts each on one compiled model (batch 2: some calls take two groups)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, qg = llama
+    pool = [MY_NAME, LONG_PROMPT, OTHER, "one two three", "the cat and the dog"]
+    calls = []
+    for i in range(40):
+        prompts = [pool[(i + j) % len(pool)] for j in range(1 + i % 3)]
+        options = dict(max_new_tokens=4 + i % 7) | (dict(do_sample=True, seed=i) if i % 4 == 0 else {})
+        calls.append((prompts, options))
+    alone = [_ids(qg, tokenizer, prompts, **options) for prompts, options in calls]
+
+    def thread(t):
+        return [_ids(qg, tokenizer, calls[i][0], **calls[i][1]) for i in range(t, len(calls), 4)]
+
+    with ThreadPoolExecutor(4) as executor:
+        per_thread = list(executor.map(thread, range(4)))
+    together = [per_thread[i % 4][i // 4] for i in range(len(calls))]
+    assert together == alone
