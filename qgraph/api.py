@@ -15,7 +15,7 @@ from typing import Any
 
 from qgraph import __version__
 from qgraph.backend_api import CompileOptions
-from qgraph.cache import DEFAULT_CACHE_DIR, digest, is_complete, publish, tensor_digest
+from qgraph.cache import cache_root, digest, publish, reuse, tensor_digest
 from qgraph.compiler import ONNX_FILE, CompiledArtifact, compile_onnx, get_backend, unused_options
 from qgraph.decoding import generation_config_defaults, resolve_options
 from qgraph.engine import Engine, RequestHandle
@@ -82,7 +82,7 @@ class QEFFAutoModelForCausalLM:
 
     def __init__(self, model, cache_dir: str | Path | None = None, verbose: bool = True):
         self.model = model
-        self.cache_dir = Path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR
+        self.cache_dir = cache_root(cache_dir)
         self.verbose = verbose
         self._source_key: str | None = None
         self._vanilla_path: Path | None = None
@@ -125,12 +125,10 @@ class QEFFAutoModelForCausalLM:
             )
         return self._source_key
 
-    def export(self) -> Path:
-        """The vanilla ONNX export (cached); returns its path."""
-        if self._vanilla_path is not None:
-            return self._vanilla_path
+    def export(self, verify: bool = False) -> Path:
+        """The vanilla ONNX export (cached; a damaged entry is rebuilt, ``verify`` re-hashes it); returns its path."""
         directory = self.cache_dir / "exports" / f"{type(self.model).__name__}-{self.source_key}"
-        if not is_complete(directory):
+        if not reuse(directory, verify):
             import onnx_ir as ir
 
             from qgraph.export import export_vanilla
@@ -157,6 +155,7 @@ class QEFFAutoModelForCausalLM:
         num_cores: int | None = None,
         precision: str = "float32",
         passes: str | Sequence[str] | None = None,
+        verify: bool = False,
         full_batch_size: int | None = None,
         **backend_options: Any,
     ) -> Path:
@@ -165,7 +164,13 @@ class QEFFAutoModelForCausalLM:
         Options a backend does not act on (e.g. ``num_cores`` on ONNX Runtime) are accepted and listed in a note.
         ``full_batch_size=N`` (QEfficient's name) compiles for continuous batching: ``generate`` and ``submit`` then
         run requests through an engine of N KV slots (``model.engine``).
+        ``verify`` re-hashes every cached file reused instead of trusting unchanged sizes and mtimes. A compile that
+        fails leaves the model uncompiled (never holding the previous artifact unannounced).
         """
+        with self._generate_lock:
+            if self._engine is not None:
+                self._engine.close()
+            self.artifact, self._session, self._engine = None, None, None
         target = get_backend(backend)
         if full_batch_size is not None and not target.capabilities.continuous_batching:
             raise QGraphError(
@@ -190,18 +195,13 @@ class QEFFAutoModelForCausalLM:
             specs = parse_pipeline(passes) if isinstance(passes, str) else [PassSpec(p) for p in passes]
         else:
             specs = target.pipeline(options)  # before the export: a request the target refuses fails at once
-        vanilla = self.export()
+        vanilla = self.export(verify)
         self.artifact = compile_onnx(
-            vanilla, self.source_key, target, options, self.cache_dir, specs, verbose=self.verbose
+            vanilla, self.source_key, target, options, self.cache_dir, specs, verbose=self.verbose, verify=verify
         )
         if self.verbose:
             verb = "reusing compiled artifact" if self.artifact.reused else "compiled artifact written to"
             print(f"qgraph: {verb} {self.artifact.directory}", file=sys.stderr)
-        with self._generate_lock:
-            if self._engine is not None:
-                self._engine.close()
-            self._engine = None
-            self._session = None
         return self.artifact.directory
 
     @property
