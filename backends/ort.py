@@ -143,6 +143,24 @@ class OrtDecoderSession:
             self._logits_buffers[shape] = (array, self._ort.OrtValue.ortvalue_from_numpy(array))
         return self._logits_buffers[shape]
 
+    def run_row(self, row: int, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        """Feed ``[1, s]`` tokens to batch row ``row`` alone, over that row's views of the shared KV buffers; the
+        other rows' state is untouched (continuous batching: a request is prefilled into a free slot)."""
+        if self._binding is None:
+            raise QGraphError("OrtDecoderSession.run_row before reset(batch_size)")
+        view = self._ort.OrtValue.ortvalue_from_numpy
+        current = [view(a[row : row + 1]) for a in self._arrays]
+        # ping-pong graphs may not write the buffer they read: into a scratch row, copied back after the run
+        scratch = None if self.in_place else [np.empty_like(a[row : row + 1]) for a in self._arrays]
+        following = current if scratch is None else [view(a) for a in scratch]
+        ids, pos = _without_trailing_padding(input_ids, position_ids)
+        logits = self._run(self._bind(list(zip(current, following, strict=True))), ids, pos)
+        for array, new in zip(self._arrays, scratch or [], strict=False):
+            array[row] = new[0]
+        if not self.last_token_only and logits.shape[1] < input_ids.shape[1]:
+            logits = np.pad(logits, ((0, 0), (0, input_ids.shape[1] - logits.shape[1]), (0, 0)))
+        return logits
+
     def _run_rows(self, ids: np.ndarray, pos: np.ndarray) -> np.ndarray:
         """A later prompt chunk of a batch, one row at a time over that row's views of the buffers."""
         view = self._ort.OrtValue.ortvalue_from_numpy
@@ -242,6 +260,7 @@ class OrtBackend:
         dtypes=frozenset({"float32", "float16", "int8", "int4"}),
         domains=frozenset({"", "com.microsoft"}),
         graph_speedups=True,
+        continuous_batching=True,
     )
     used_options: ClassVar[frozenset[str]] = frozenset({"session_options", "providers"})
 
