@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
+from qgraph.cache import cache_root, user_path
 from qgraph.errors import QGraphError
 
 
@@ -22,7 +24,15 @@ def _add_infer(sub) -> None:
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
     p.add_argument("--prompt-len", type=int, default=32, help="prefill chunk length (prefill_seq_len)")
     p.add_argument("--ctx-len", type=int, default=128, help="KV buffer length: prompt + generated tokens")
-    p.add_argument("--generation-len", type=int, default=None, help="new tokens (default: until EOS or ctx_len)")
+    p.add_argument(
+        "--generation-len",
+        "--max-new-tokens",
+        dest="generation_len",
+        type=int,
+        default=None,
+        help="new tokens (default: until EOS or ctx_len)",
+    )
+    _add_decoding(p)
     p.add_argument("--batch-size", type=int, default=1, help="prompts run together")
     p.add_argument("--backend", default="ort", help="see `qgraph backends`")
     p.add_argument("--num-cores", type=int, default=None, help="cores to compile for (targets that use it)")
@@ -34,7 +44,7 @@ def _add_infer(sub) -> None:
     p.add_argument("--passes", help="override the backend's pipeline: a,b,c or a JSON/YAML file")
     p.add_argument("--dtype", default=None, help="export dtype: float32 (default), float16, bfloat16 or auto (stored)")
     p.add_argument("--stream", action="store_true", help="print the first prompt's text as it is generated")
-    p.add_argument("--cache-dir", type=Path, default=None)
+    p.add_argument("--cache-dir", type=user_path, default=None)
     p.add_argument(
         "--option",
         action="append",
@@ -42,6 +52,22 @@ def _add_infer(sub) -> None:
         metavar="KEY=VALUE",
         help="backend option, e.g. mxfp6_matmul=true (values parsed as JSON when they can be)",
     )
+
+
+def _add_decoding(p) -> None:
+    """transformers' decoding options; unset ones come from the model's generation_config."""
+    g = p.add_argument_group("decoding (greedy unless --do-sample)")
+    g.add_argument("--do-sample", action="store_true", default=None, help="sample instead of greedy")
+    g.add_argument("--temperature", type=float)
+    g.add_argument("--top-k", type=int)
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--min-p", type=float)
+    g.add_argument("--repetition-penalty", type=float)
+    g.add_argument("--seed", type=int, help="seed of each prompt's own random generator")
+    g.add_argument("--stop", action="append", help="stop string (repeatable); the text ends before it")
+
+
+DECODING_FLAGS = ("do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "stop")
 
 
 def _parse_options(pairs: list[str]) -> dict:
@@ -57,15 +83,31 @@ def _parse_options(pairs: list[str]) -> dict:
     return options
 
 
-def cmd_infer(args) -> int:
+def _load_tokenizer(name: str, chat: bool, hf_kwargs: dict):
+    """The tokenizer, loaded before the model is exported: a missing one or one without a chat template (``--chat``)
+    is found in a second, not after the export."""
     from transformers import AutoTokenizer
 
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(user_path(name)), **hf_kwargs)
+    except (OSError, ValueError, TypeError) as exc:
+        raise QGraphError(
+            f"could not load a tokenizer from {name!r} ({' '.join(str(exc).split())[:300]}): pass --tokenizer DIR_OR_ID"
+        ) from exc
+    if chat and not getattr(tokenizer, "chat_template", None):
+        raise QGraphError(f"the tokenizer of {name!r} has no chat template: drop --chat or pass a --tokenizer with one")
+    return tokenizer
+
+
+def cmd_infer(args) -> int:
     from qgraph.api import QEFFAutoModelForCausalLM
 
     hf_kwargs = {"gguf_file": args.gguf_file} if args.gguf_file else {}
+    cache_root(args.cache_dir)  # a --cache-dir that is a file is refused before anything loads
     model = QEFFAutoModelForCausalLM.from_pretrained(
         args.model, cache_dir=args.cache_dir, dtype=args.dtype, **hf_kwargs
     )
+    tokenizer = _load_tokenizer(args.tokenizer or args.model, args.chat, hf_kwargs)  # before a long export
     model.compile(
         backend=args.backend,
         prefill_seq_len=args.prompt_len,
@@ -76,20 +118,21 @@ def cmd_infer(args) -> int:
         passes=args.passes,
         **_parse_options(args.option),
     )
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model, **hf_kwargs)
-    prompts = args.prompt
+    decoding = {k: getattr(args, k) for k in DECODING_FLAGS if getattr(args, k) is not None}
     if args.chat:
-        prompts = [
-            tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-            for p in prompts
-        ]
-    model.generate(tokenizer, prompts, generation_len=args.generation_len, stream=args.stream)
+        conversations = [[{"role": "user", "content": p}] for p in args.prompt]
+        model.generate(
+            tokenizer, messages=conversations, generation_len=args.generation_len, stream=args.stream, **decoding
+        )
+    else:
+        model.generate(tokenizer, args.prompt, generation_len=args.generation_len, stream=args.stream, **decoding)
     return 0
 
 
 def cmd_export(args) -> int:
     from qgraph.api import QEFFAutoModelForCausalLM
 
+    cache_root(args.cache_dir)  # a --cache-dir that is a file is refused before the model loads
     model = QEFFAutoModelForCausalLM.from_pretrained(args.model, cache_dir=args.cache_dir, dtype=args.dtype)
     path = model.export()
     if args.output:
@@ -102,17 +145,34 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _load_checked_onnx(path: Path):
+    """``path`` as an ``ir.Model`` once it passed ``onnx.checker`` and has a graph with inputs and outputs (a 2-byte
+    file parses as an empty model, from which a pass would write an invalid one)."""
+    import onnx
+    import onnx_ir as ir
+
+    if not path.is_file():
+        raise QGraphError(f"ONNX file {path} does not exist")
+    try:
+        onnx.checker.check_model(str(path))
+        model = ir.load(path)
+    except Exception as exc:  # protobuf, checker, external-data and I/O errors all mean the same to the user
+        reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise QGraphError(f"{path} is not a valid ONNX model ({reason}): give a complete .onnx file") from exc
+    if not model.graph.inputs or not model.graph.outputs:
+        raise QGraphError(f"{path} has a graph without inputs or outputs: give a complete .onnx model")
+    return model
+
+
 def cmd_optimize(args) -> int:
     import onnx_ir as ir
 
     from qgraph.pass_manager import format_reports, parse_pipeline, run_pipeline
 
-    if not args.input.is_file():
-        raise QGraphError(f"ONNX file {args.input} does not exist")
     specs = parse_pipeline(args.passes)
     if not specs:
         raise QGraphError("no passes given: --passes a,b,c or a pipeline file")
-    model = ir.load(args.input)
+    model = _load_checked_onnx(args.input)
     verify = None
     if args.verify:
         from qgraph.verify import max_abs_diff_on_ort
@@ -169,14 +229,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_infer(sub)
     p = sub.add_parser("export", help="export a model to vanilla ONNX (cached); prints the path")
     p.add_argument("--model", required=True)
-    p.add_argument("-o", "--output", type=Path)
-    p.add_argument("--cache-dir", type=Path, default=None)
+    p.add_argument("-o", "--output", type=user_path)
+    p.add_argument("--cache-dir", type=user_path, default=None)
     p.add_argument("--dtype", default=None, help="export dtype: float32 (default), float16, bfloat16 or auto (stored)")
     p = sub.add_parser("optimize", help="run passes on any ONNX file")
-    p.add_argument("input", type=Path)
-    p.add_argument("-o", "--output", type=Path, required=True)
+    p.add_argument("input", type=user_path)
+    p.add_argument("-o", "--output", type=user_path, required=True)
     p.add_argument("--passes", required=True, help="a,b,c or a JSON/YAML pipeline file")
-    p.add_argument("--json", type=Path, help="write the pass reports as JSON")
+    p.add_argument("--json", type=user_path, help="write the pass reports as JSON")
     p.add_argument("--verify", action="store_true", help="measure each pass's max output difference on ORT")
     p = sub.add_parser(
         "check",
@@ -185,8 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model", help="hub id or directory with a config.json (no weights are read)")
     p.add_argument("--backend", default="ort", help="see `qgraph backends`")
-    p.add_argument("--json", type=Path, help="write the report as JSON")
-    p.add_argument("--cache-dir", type=Path, default=None, help="keep the tiny model's artifacts here")
+    p.add_argument("--json", type=user_path, help="write the report as JSON")
+    p.add_argument("--cache-dir", type=user_path, default=None, help="keep the tiny model's artifacts here")
     sub.add_parser("passes", help="list registered passes")
     sub.add_parser("backends", help="list registered backends and their capabilities")
     return parser
@@ -207,8 +267,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except QGraphError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _error(str(exc))
+    except BrokenPipeError:
+        # the reader went away (``qgraph passes | head``): nothing more can be printed; no traceback at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return _error("output closed early (broken pipe); the command stopped printing")
+    except OSError as exc:  # a path the user gave cannot be read or written
+        where = f" {exc.filename}" if exc.filename else ""
+        return _error(f"could not read or write{where}: {exc.strerror or exc}; check the path and its permissions")
+
+
+def _error(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":
