@@ -21,35 +21,15 @@ import numpy as np
 import onnx_ir as ir
 
 from qgraph.backend_api import Capabilities, CompileOptions
+from qgraph.backends.ort_options import check_options, check_session_options
+from qgraph.backends.ort_options import providers as requested_providers
+from qgraph.backends.ort_options import session_options as _session_options
 from qgraph.errors import QGraphError
 from qgraph.pass_manager import PassSpec
 from qgraph.pipelines import standard_pipeline
 
 MODEL_FILE = "model.onnx"
 SETTINGS_FILE = "ort_settings.json"
-
-_OPT_LEVELS = {
-    "disable": "ORT_DISABLE_ALL",
-    "basic": "ORT_ENABLE_BASIC",
-    "extended": "ORT_ENABLE_EXTENDED",
-    "all": "ORT_ENABLE_ALL",
-}
-
-
-def _session_options(settings: dict[str, Any]):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    for key, value in settings.items():
-        if key == "graph_optimization_level":
-            if value not in _OPT_LEVELS:
-                raise QGraphError(f"graph_optimization_level must be one of {sorted(_OPT_LEVELS)}, got {value!r}")
-            value = getattr(ort.GraphOptimizationLevel, _OPT_LEVELS[value])
-        elif not hasattr(options, key):
-            known = sorted(k for k in dir(options) if not k.startswith("_"))
-            raise QGraphError(f"unknown ONNX Runtime session option {key!r}; SessionOptions has: {', '.join(known)}")
-        setattr(options, key, value)
-    return options
 
 
 class OrtDecoderSession:
@@ -218,8 +198,9 @@ def _graph_structure(model_path: Path):
 
 
 def _providers(options: CompileOptions) -> list[str]:
-    """The ORT providers asked for (``providers=`` on compile), in priority order; the CPU by default."""
-    return list(options.extra.get("providers") or ["CPUExecutionProvider"])
+    """The ORT providers asked for (``providers=`` on compile: a name or a list), in priority order; the CPU by
+    default."""
+    return requested_providers(options)
 
 
 # Activation types ONNX Runtime 1.32 registers com.microsoft.GroupQueryAttention kernels for, per provider
@@ -300,10 +281,13 @@ class OrtBackend:
             specs = [s for s in specs if s.name != "group-query-attention"]
         return specs
 
+    def check_options(self, options: CompileOptions) -> None:
+        """Refuse bad ``providers`` or ``session_options`` before any export (the core calls this first)."""
+        check_options(options)
+
     def compile(self, model: ir.Model, options: CompileOptions, artifact_dir: Path) -> None:
-        settings = dict(options.extra.get("session_options") or {})
+        settings = check_session_options(options.extra.get("session_options") or {})
         providers = _providers(options)
-        _session_options(settings)  # reject bad settings now, not at first generate
         ir.save(model, artifact_dir / MODEL_FILE, external_data=MODEL_FILE + ".data")
         (artifact_dir / SETTINGS_FILE).write_text(
             json.dumps({"session_options": settings, "providers": providers}, indent=2)

@@ -23,9 +23,11 @@ from qgraph.errors import ModelNotFoundError, QGraphError
 from qgraph.pass_manager import PassSpec, parse_pipeline
 from qgraph.progress import step
 from qgraph.prompts import prompt_token_ids
+from qgraph.registry import pass_registry
 from qgraph.request import Request
 from qgraph.runtime import GenerationResult, StepTimer, StreamEvent, latency_stats, static_batch_steps
 from qgraph.stats import LatencyStats
+from qgraph.validation import check_pipeline, check_prompts, check_token_ids
 
 EXPORT_OPSET = 20
 logger = logging.getLogger(__name__)
@@ -191,10 +193,14 @@ class QEFFAutoModelForCausalLM:
         ignored = unused_options(target, explicit)
         if ignored and self.verbose:
             print(f"qgraph: note: backend {backend!r} does not use {', '.join(ignored)} (ignored)", file=sys.stderr)
+        # before the export, everything that can be checked is: a request the target refuses fails at once
+        check_backend_options = getattr(target, "check_options", None)
+        if check_backend_options is not None:
+            check_backend_options(options)
+        specs = target.pipeline(options)
         if passes is not None:
-            specs = parse_pipeline(passes) if isinstance(passes, str) else [PassSpec(p) for p in passes]
-        else:
-            specs = target.pipeline(options)  # before the export: a request the target refuses fails at once
+            given = parse_pipeline(passes) if isinstance(passes, str) else [PassSpec(p) for p in passes]
+            specs = check_pipeline(given, specs, options.ctx_len, pass_registry())
         vanilla = self.export(verify)
         self.artifact = compile_onnx(
             vanilla, self.source_key, target, options, self.cache_dir, specs, verbose=self.verbose, verify=verify
@@ -226,7 +232,10 @@ class QEFFAutoModelForCausalLM:
         if tokenizer is None:
             raise QGraphError("generate needs the tokenizer: generate(tokenizer, prompts) or tokenizer=...")
         resolved, notes = resolve_options(options, self._generation_defaults(), tokenizer.eos_token_id)
+        if prompts is not None:  # checks of qgraph.validation: the prompts, then their ids against the vocabulary
+            check_prompts(prompts)
         texts, prompt_ids = prompt_token_ids(tokenizer, prompts, messages)
+        check_token_ids(prompt_ids, getattr(getattr(self.model, "config", None), "vocab_size", None))
         ctx_len = self.artifact.options.ctx_len
         requests = [
             Request(ids, resolved, ctx_len, tokenizer, index=i, submitted=start) for i, ids in enumerate(prompt_ids)

@@ -54,18 +54,14 @@ class CompileOptions:
 
     def __post_init__(self) -> None:
         from qgraph.errors import QGraphError
+        from qgraph.validation import check_int
 
-        if self.prefill_seq_len < 1 or self.ctx_len < 2 or self.batch_size < 1:
-            raise QGraphError(
-                f"prefill_seq_len, batch_size must be >= 1 and ctx_len >= 2 "
-                f"(got {self.prefill_seq_len}, {self.batch_size}, {self.ctx_len})"
-            )
-        if self.full_batch_size is not None and (
-            isinstance(self.full_batch_size, bool)
-            or not isinstance(self.full_batch_size, int)
-            or self.full_batch_size < 1
-        ):
-            raise QGraphError(f"full_batch_size must be an integer >= 1, got {self.full_batch_size!r}")
+        for name, minimum in (("prefill_seq_len", 1), ("ctx_len", 2), ("batch_size", 1), ("num_cores", 1)):
+            check_int(name, getattr(self, name), minimum)
+        if self.full_batch_size is not None:
+            check_int("full_batch_size", self.full_batch_size, 1)
+        if not isinstance(self.precision, str):
+            raise QGraphError(f"precision must be a string such as 'float32', got {self.precision!r}")
         if self.prefill_seq_len > self.ctx_len:
             raise QGraphError(f"prefill_seq_len {self.prefill_seq_len} is larger than ctx_len {self.ctx_len}")
 
