@@ -99,6 +99,7 @@ class AI100Backend:
         dtypes=frozenset({"float16", "mxfp6", "mxint8"}),
         domains=frozenset({"", "com.qti.aisw.onnx"}),
         custom_functions=frozenset({"CustomRMSNorm"}),
+        continuous_batching=True,  # full_batch_size: the kv-batch-index pass and QEfficient's batch_index protocol
     )
     used_options: ClassVar[frozenset[str]] = BUNDLE_OPTIONS | {"num_cores", "compiler", "device_ids"}
 
@@ -149,4 +150,5 @@ class AI100Backend:
             prefill_seq_len=manifest["prefill_seq_len"],
             ctx_len=manifest["ctx_len"],
             batch_size=manifest["batch_size"],
+            full_batch_size=manifest.get("full_batch_size"),
         )

@@ -16,7 +16,9 @@ if TYPE_CHECKING:
 def standard_pipeline(capabilities: Capabilities, options: CompileOptions) -> list[PassSpec]:
     """The passes that make a vanilla export ready for a target, each chosen from what the target declares.
 
-    - ``kv-retained-state`` for targets that keep the KV cache on the device (``retained_state``);
+    - ``kv-retained-state`` for targets that keep the KV cache on the device (``retained_state``), then, with
+      ``full_batch_size`` on a static-shape target (which cannot run one row of its buffers alone),
+      ``kv-batch-index``: QEfficient's ``batch_index`` input selecting the KV slots a run uses;
     - ``rmsnorm-fuse`` lowered as the target executes RMSNorm (``rmsnorm_lowering``; none for ``"decomposed"``);
     - ``layernorm-gelu`` with ORT's fused Gelu kernels, then ``skip-norm`` (residual Add + norm as one kernel), where
       the target executes the ``com.microsoft`` domain;
@@ -44,6 +46,8 @@ def standard_pipeline(capabilities: Capabilities, options: CompileOptions) -> li
     specs = []
     if capabilities.retained_state:
         specs.append(PassSpec("kv-retained-state", {"ctx_len": options.ctx_len}))
+    if options.full_batch_size and capabilities.retained_state and capabilities.static_shapes:
+        specs.append(PassSpec("kv-batch-index"))
     if capabilities.rmsnorm_lowering != "decomposed":
         specs.append(PassSpec("rmsnorm-fuse", {"lowering": capabilities.rmsnorm_lowering}))
     if microsoft:
