@@ -24,7 +24,7 @@ from qgraph.compiler import ONNX_FILE, CompiledArtifact, compile_onnx, get_backe
 from qgraph.decoding import generation_config_defaults, resolve_options
 from qgraph.engine import Engine, RequestHandle
 from qgraph.errors import ModelNotFoundError, QGraphError
-from qgraph.pass_manager import PassSpec, parse_pipeline
+from qgraph.pipeline_spec import PassSpec, parse_pipeline
 from qgraph.progress import step
 from qgraph.prompts import prompt_token_ids
 from qgraph.registry import pass_registry
@@ -353,9 +353,15 @@ class QEFFAutoModelForCausalLM:
         if passes is not None:
             given = parse_pipeline(passes) if isinstance(passes, str) else [PassSpec(p) for p in passes]
             specs = check_pipeline(given, specs, options.ctx_len, pass_registry())
-        vanilla = self.export(verify)
         self.artifact = compile_onnx(
-            vanilla, self.source_key, target, options, self.cache_dir, specs, verbose=self.verbose, verify=verify
+            lambda: self.export(verify),  # only when the compiled artifact is not cached
+            self.source_key,
+            target,
+            options,
+            self.cache_dir,
+            specs,
+            verbose=self.verbose,
+            verify=verify,
         )
         if self.verbose:
             verb = "reusing compiled artifact" if self.artifact.reused else "compiled artifact written to"

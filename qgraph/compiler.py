@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import onnx_ir as ir
-
 from qgraph.backend_api import Backend, CompileOptions, DecoderSession
 from qgraph.cache import code_digest, digest, publish, reuse
-from qgraph.pass_manager import PassReport, PassSpec, format_reports, run_pipeline
+from qgraph.pipeline_spec import PassSpec
 from qgraph.progress import step
 from qgraph.registry import Registry, backend_registry, pass_registry
 
@@ -62,14 +61,14 @@ def artifact_key(
             "backend_version": getattr(backend, "version", ""),
             "capabilities": backend.capabilities.as_dict(),
             "passes": [s.key() for s in specs],
-            "code": code_digest(iter([type(backend), *(registry.get(s.name) for s in specs)])),
+            "code": code_digest([type(backend).__module__, *(registry.module_of(s.name) for s in specs)]),
             "options": shaping,
         }
     )
 
 
 def compile_onnx(
-    vanilla_path: Path,
+    vanilla_path: Path | Callable[[], Path],
     source_key: str,
     backend: Backend,
     options: CompileOptions,
@@ -82,7 +81,8 @@ def compile_onnx(
     """Run the backend's pipeline (or ``passes``) over the vanilla graph and let the backend compile the result.
 
     A cached artifact is reused only when its files are as published (``verify``: re-hash them all); a damaged one
-    is rebuilt.
+    is rebuilt. ``vanilla_path`` may be a function that exports on demand: a reused artifact needs no export, and
+    finding it imports no graph library.
     """
     specs = passes if passes is not None else backend.pipeline(options)
     registry = pass_reg or pass_registry()
@@ -91,9 +91,15 @@ def compile_onnx(
     if reuse(directory, verify):
         reports = json.loads((directory / REPORT_FILE).read_text())
         return CompiledArtifact(backend, options, directory, reports, reused=True)
+    import onnx_ir as ir
+
+    from qgraph.pass_manager import format_reports, run_pipeline
+
+    if callable(vanilla_path):
+        vanilla_path = vanilla_path()
     with step(f"compiling for backend {backend.name!r} ({len(specs)} passes)", verbose):
         model = ir.load(vanilla_path)
-        reports: list[PassReport] = run_pipeline(
+        reports = run_pipeline(
             model, specs, registry, progress=(lambda m: print(f"qgraph:   {m}", file=sys.stderr)) if verbose else None
         )
         if verbose:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from qgraph.errors import QGraphError
-from qgraph.pass_manager import PassSpec
+from qgraph.pipeline_spec import PassSpec
 
 QUANTIZED_BITS = {"int8": 8, "int4": 4}  # weight-only precisions -> quantize-weights bits
 
