@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from qgraph.contract import INPUT_IDS, LOGITS, POSITION_IDS, retained_buffers
 from qgraph.errors import QGraphError
 
 SDK_PYTHON_PATHS = (f"/opt/qti-aic/dev/lib/{platform.machine()}", "/opt/qti-aic/dev/python")
@@ -87,11 +88,11 @@ class QAICDecoderSession:
         self.index = {b.name: b.index for b in self.bindings}
         self.dtype = {b.name: dtypes[b.type] for b in self.bindings}
         self.outputs = {b.name for b in self.bindings if b.dir == aicapi.BUFFER_IO_TYPE_OUTPUT}
-        logits_dims = list(self.bindings[self.index["logits"]].dims)
+        logits_dims = list(self.bindings[self.index[LOGITS]].dims)
         self.vocab_size = int(logits_dims[-1])
         # [b, 1, V] in the program: the graph keeps only each row's last valid token (last-token-logits)
         self.last_token_logits = len(logits_dims) == 3 and int(logits_dims[1]) == 1
-        self.kv_names = [b.name for b in self.bindings if b.name.startswith("past_")]
+        self.kv_names = retained_buffers(b.name for b in self.bindings)
         self.buffers = [qaicrt.QBuffer(bytes(b.size)) for b in self.bindings]
         self.dims = qaicrt.BufferDimensionsVecRef([(dtypes[b.type].itemsize, list(b.dims)) for b in self.bindings])
         for name in self.kv_names:  # empty buffers: the runtime skips the transfer, the data stays on the card
@@ -111,9 +112,9 @@ class QAICDecoderSession:
         ok = self._rt.QStatus.QS_SUCCESS
         batch, seq = input_ids.shape
         rows = 1 if self.last_token_logits else seq
-        self._bind("input_ids", np.ascontiguousarray(input_ids, dtype=self.dtype["input_ids"]))
-        self._bind("position_ids", np.ascontiguousarray(position_ids, dtype=self.dtype["position_ids"]))
-        self._bind("logits", np.zeros((batch, rows, self.vocab_size), dtype=self.dtype["logits"]))
+        self._bind(INPUT_IDS, np.ascontiguousarray(input_ids, dtype=self.dtype[INPUT_IDS]))
+        self._bind(POSITION_IDS, np.ascontiguousarray(position_ids, dtype=self.dtype[POSITION_IDS]))
+        self._bind(LOGITS, np.zeros((batch, rows, self.vocab_size), dtype=self.dtype[LOGITS]))
         start = time.perf_counter()
         if self.exec_obj.setData(self.buffers, self.dims) != ok:
             raise QGraphError("Cloud AI 100 runtime rejected the buffers (setData)")
@@ -128,5 +129,5 @@ class QAICDecoderSession:
         self.device_seconds += time.perf_counter() - start
         if status != ok:
             raise QGraphError("Cloud AI 100 runtime could not return the outputs (getData)")
-        logits = np.frombuffer(bytes(out[self.index["logits"]]), dtype=self.dtype["logits"])
+        logits = np.frombuffer(bytes(out[self.index[LOGITS]]), dtype=self.dtype[LOGITS])
         return logits.reshape(batch, rows, self.vocab_size).astype(np.float32, copy=False)

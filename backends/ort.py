@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import numpy as np
 import onnx_ir as ir
 
+from qgraph import contract
 from qgraph.backend_api import Capabilities, CompileOptions
 from qgraph.errors import QGraphError
 from qgraph.pass_manager import PassSpec
@@ -62,7 +63,7 @@ class OrtDecoderSession:
         self.session = ort.InferenceSession(str(model_path), _session_options(settings), providers=providers)
         self.prefill_seq_len = prefill_seq_len
         inputs = {i.name: i for i in self.session.get_inputs()}
-        self.state_names = [n for n in inputs if n.startswith("past_")]
+        self.state_names = contract.retained_inputs(inputs)
         self.state_shapes = {n: inputs[n].shape for n in self.state_names}
         self.state_dtypes = {n: _numpy_dtype(inputs[n].type) for n in self.state_names}
         self.ctx_len = int(self.state_shapes[self.state_names[0]][2])
@@ -113,7 +114,7 @@ class OrtDecoderSession:
         binding.bind_output(self.logits_name, "cpu")  # first: get_outputs()[0] is the logits from now on
         for name, (cur, nxt) in zip(self.state_names, state, strict=True):
             binding.bind_ortvalue_input(name, cur)
-            binding.bind_ortvalue_output(f"{name}_RetainedState", nxt)
+            binding.bind_ortvalue_output(contract.retained_output_name(name), nxt)
         return binding
 
     def run(self, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
@@ -138,8 +139,8 @@ class OrtDecoderSession:
         return logits
 
     def _run(self, binding, ids: np.ndarray, pos: np.ndarray) -> np.ndarray:
-        binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
-        binding.bind_cpu_input("position_ids", np.ascontiguousarray(pos, dtype=np.int64))
+        binding.bind_cpu_input(contract.INPUT_IDS, np.ascontiguousarray(ids, dtype=np.int64))
+        binding.bind_cpu_input(contract.POSITION_IDS, np.ascontiguousarray(pos, dtype=np.int64))
         buffer = self._logits_buffer(*ids.shape)
         if buffer is None:
             binding.bind_output(self.logits_name, "cpu")  # rebinding keeps its slot; last run's buffer is not reused
@@ -211,16 +212,9 @@ _GQA_KERNEL_TYPES = {
     "CUDAExecutionProvider": frozenset({"float16"}),
 }
 
-# (op_type, domain) -> {index of a past_* input: index of the output it updates}
-_STATE_UPDATES = {
-    ("ScatterElements", ""): {0: 0},
-    ("ScatterND", ""): {0: 0},
-    ("GroupQueryAttention", "com.microsoft"): {3: 1, 4: 2},
-}
-
 
 def _state_updated_in_place(graph, state_names: list[str]) -> bool:
-    """True when each ``past_*`` input is read (beyond Shape) only by the node producing its ``_RetainedState``, as
+    """True when each retained-state input is read (beyond Shape) only by the node producing its ``_RetainedState``, as
     the buffer that node updates (a scatter's data, GroupQueryAttention's past key/value).
 
     Then input and output may share one buffer: the node reads nothing of the old buffer that it does not keep.
@@ -239,8 +233,8 @@ def _state_updated_in_place(graph, state_names: list[str]) -> bool:
         if len(uses) != 1:
             return False
         node, index = uses[0]
-        target = f"{name}_RetainedState"
-        updates = _STATE_UPDATES.get((node.op_type, "" if node.domain == "ai.onnx" else node.domain), {})
+        target = contract.retained_output_name(name)
+        updates = contract.STATE_UPDATES.get((node.op_type, "" if node.domain == "ai.onnx" else node.domain), {})
         if index not in updates or node.output[updates[index]] != target or target not in outputs:
             return False
     return True

@@ -450,6 +450,7 @@ class RMSNormFusion(GraphPass):
             counts["decomposed"] = lowered
         result = self.result(model, **counts)
         result.modified = bool(fused or converted or lowered)
+        result.misses = list(self.near_misses)
         return result
 
 

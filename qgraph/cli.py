@@ -116,7 +116,7 @@ def cmd_optimize(args) -> int:
 
         verify = max_abs_diff_on_ort
     reports = run_pipeline(model, specs, verify=verify)
-    print(format_reports(reports))
+    print(format_reports(reports, explain=args.explain))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     ir.save(model, args.output, external_data=args.output.name + ".data")
     if args.json:
@@ -164,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--passes", required=True, help="a,b,c or a JSON/YAML pipeline file")
     p.add_argument("--json", type=Path, help="write the pass reports as JSON")
     p.add_argument("--verify", action="store_true", help="measure each pass's max output difference on ORT")
+    p.add_argument("--explain", action="store_true", help="list each candidate a pass left unfused, with the reason")
     sub.add_parser("passes", help="list registered passes")
     sub.add_parser("backends", help="list registered backends and their capabilities")
     return parser
