@@ -12,6 +12,7 @@ position arrays.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qgraph import contract
-from qgraph.backend_api import Capabilities, CompileOptions
+from qgraph.backend_api import Capabilities, CompileOptions, Kernel
 from qgraph.errors import QGraphError
 from qgraph.pass_manager import PassSpec
 from qgraph.pipelines import standard_pipeline
@@ -205,12 +206,33 @@ def _providers(options: CompileOptions) -> list[str]:
     return list(options.extra.get("providers") or ["CPUExecutionProvider"])
 
 
+MS_DOMAIN = "com.microsoft"
+FLOATS = frozenset({"float32", "float16"})
 # Activation types ONNX Runtime 1.32 registers com.microsoft.GroupQueryAttention kernels for, per provider
 # (CUDA: float16 / bfloat16 only, contrib_ops/cuda/bert/group_query_attention.cc).
 _GQA_KERNEL_TYPES = {
-    "CPUExecutionProvider": frozenset({"float32", "float16"}),
+    "CPUExecutionProvider": FLOATS,
     "CUDAExecutionProvider": frozenset({"float16"}),
 }
+# ONNX Runtime's kernels beyond standard ONNX that qgraph's passes write. A provider without one of these runs it on
+# the CPU's kernel; only GroupQueryAttention is declared per provider, because placed on the CPU under a device
+# provider it copies every layer's activations and KV to and from the device.
+_CPU_KERNELS = frozenset(
+    {
+        Kernel("", "SimplifiedLayerNormalization", FLOATS),
+        Kernel(MS_DOMAIN, "FastGelu", FLOATS),
+        Kernel(MS_DOMAIN, "Gelu", FLOATS),
+        Kernel(MS_DOMAIN, "SkipLayerNormalization", FLOATS),
+        Kernel(MS_DOMAIN, "SkipSimplifiedLayerNormalization", FLOATS),
+        Kernel(MS_DOMAIN, "RotaryEmbedding", FLOATS),
+        Kernel(MS_DOMAIN, "MatMulNBits", FLOATS),
+    }
+)
+
+
+def kernels(provider: str) -> frozenset[Kernel]:
+    """What ONNX Runtime executes with ``provider`` first in the providers list."""
+    return _CPU_KERNELS | {Kernel(MS_DOMAIN, "GroupQueryAttention", _GQA_KERNEL_TYPES.get(provider, frozenset()))}
 
 
 def _state_updated_in_place(graph, state_names: list[str]) -> bool:
@@ -249,12 +271,10 @@ class OrtBackend:
 
     name: ClassVar[str] = "ort"
     capabilities: ClassVar[Capabilities] = Capabilities(
-        static_shapes=False,
         retained_state=True,
-        rmsnorm_lowering="ort-fused",
         dtypes=frozenset({"float32", "float16", "int8", "int4"}),
-        domains=frozenset({"", "com.microsoft"}),
-        graph_speedups=True,
+        kernels=kernels("CPUExecutionProvider"),
+        runs_node_by_node=True,
     )
     used_options: ClassVar[frozenset[str]] = frozenset({"session_options", "providers"})
 
@@ -265,15 +285,9 @@ class OrtBackend:
         return ort.__version__
 
     def pipeline(self, options: CompileOptions) -> list[PassSpec]:
-        """The standard pipeline, without ``group-query-attention`` where the provider that would run it has no
-        GroupQueryAttention kernel for the graph's activation type (ORT would place the node on the CPU, with copies
-        to and from the device around every layer)."""
-        specs = standard_pipeline(self.capabilities, options)
+        """The standard pipeline for what ORT executes with the first provider asked for (``kernels``)."""
         provider = _providers(options)[0]
-        activations = "float16" if options.precision == "float16" else "float32"
-        if activations not in _GQA_KERNEL_TYPES.get(provider, frozenset()):
-            specs = [s for s in specs if s.name != "group-query-attention"]
-        return specs
+        return standard_pipeline(dataclasses.replace(self.capabilities, kernels=kernels(provider)), options)
 
     def compile(self, model: ir.Model, options: CompileOptions, artifact_dir: Path) -> None:
         settings = dict(options.extra.get("session_options") or {})

@@ -107,6 +107,7 @@ class GroupQueryAttentionFusion(GraphPass):
     """Retained-state attention (scatter, scores, mask, softmax, probs@V) -> ``com.microsoft.GroupQueryAttention``."""
 
     name = "group-query-attention"
+    emits = frozenset({(MS_DOMAIN, "GroupQueryAttention")})
     summary = "retained-state attention (K/V scatter, scores, causal mask, softmax, probs@V) -> com.microsoft GQA"
 
     # --- matching: each step returns what it found or refuses with the reason (``NoMatch``) ------------------------

@@ -70,6 +70,7 @@ class RotaryEmbeddingFusion(GraphPass):
     """``rotate_half`` RoPE on Q/K -> ``com.microsoft.RotaryEmbedding`` with cos/sin tables of ctx_len rows."""
 
     name = "rotary-embedding"
+    emits = frozenset({(MS_DOMAIN, "RotaryEmbedding")})
     summary = "rotate_half RoPE (7 nodes per Q/K tensor) -> com.microsoft.RotaryEmbedding over cos/sin tables"
 
     @staticmethod

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -179,13 +180,24 @@ COMMANDS = {
 }
 
 
+class _StderrNotes(logging.Handler):
+    """The library's warnings (``logging``) as ``qgraph: note: ...`` lines on the terminal while a command runs."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"qgraph: note: {record.getMessage()}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    notes = _StderrNotes(logging.WARNING)
+    logging.getLogger("qgraph").addHandler(notes)
     try:
         return COMMANDS[args.command](args)
     except QGraphError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        logging.getLogger("qgraph").removeHandler(notes)
 
 
 if __name__ == "__main__":

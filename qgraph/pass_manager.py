@@ -39,6 +39,14 @@ class GraphPass(InPlacePass):
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
+    # (domain, op_type) of the ops beyond standard ONNX this pass writes: the standard pipeline gives the pass only to
+    # targets that execute them (``Capabilities.executes``)
+    emits: ClassVar[frozenset[tuple[str, str]]] = frozenset()
+
+    @classmethod
+    def emitted(cls, options: Mapping[str, Any]) -> frozenset[tuple[str, str]]:
+        """What the pass writes when run with ``options`` (a pass whose options choose its output overrides this)."""
+        return cls.emits
 
     def result(self, model: ir.Model, **counts: int) -> CountedResult:
         return CountedResult(model, modified=any(counts.values()), counts=dict(counts))
