@@ -10,7 +10,7 @@ A bundle is a directory that compiles on any machine with the card, with nothing
 - ``compile.sh``: the exact ``qaic-exec`` command line, and ``bundle.json``, the same facts as data.
 
 Everything here is pure: options in, files and argv out. Running the compiler and the runtime is ``ai100.py``'s job.
-The conventions are those of ``shared/AI100.md`` (as QEfficient uses the SDK).
+The conventions (as QEfficient uses the SDK) are summarised in ``docs/design.md`` ("Backends").
 """
 
 from __future__ import annotations
