@@ -304,9 +304,9 @@ class GroupQueryAttentionFusion(GraphPass):
             except NoMatch as exc:  # outside the matched form: softcap, a bias, a MoE router, ...
                 misses.append(f"Softmax {softmax.name or '(unnamed)'}: {exc}")
         unfused = len(misses)
-        if not matches:
+        if not matches:  # a count of what was left is no change: the graph is as it was
             result = self.result(model, fused=0, softmax_left_unfused=unfused)
-            result.misses = misses
+            result.modified, result.misses = False, misses
             return result
         ctx_len = matches[0].key_scatter.inputs[0].shape[2]
         lengths = self._lengths(graph, position_ids, input_ids, ctx_len)

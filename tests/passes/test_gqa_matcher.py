@@ -11,7 +11,7 @@ import pytest
 from qgraph import contract
 from qgraph.pass_manager import op_histogram
 from qgraph.passes.group_query_attention import GroupQueryAttentionFusion
-from tests.passes.conftest import parse, run_twice
+from tests.passes.conftest import assert_refused, parse_edited, run_twice
 
 CTX, HEADS, KV_HEADS, SEQ, HEAD = 8, 2, 1, 2, 8
 
@@ -53,15 +53,8 @@ RENAMES = {
 
 
 def attention(*edits: tuple[str, str]) -> ir.Model:
-    """The attention graph with each ``(old, new)`` text edit applied (``old`` must occur)."""
-    text = ATTENTION
-    for old, new in edits:
-        assert old in text, old
-        text = text.replace(old, new)
-    model = parse(text)
-    for value in [*model.graph.inputs, *model.graph.outputs]:
-        value.name = RENAMES.get(value.name, value.name)
-    return model
+    """The attention graph with each ``(old, new)`` text edit applied."""
+    return parse_edited(ATTENTION, edits, RENAMES)
 
 
 def _run(model: ir.Model, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -222,13 +215,8 @@ REFUSALS = {
 @pytest.mark.parametrize("case", list(REFUSALS))
 def test_each_refusal_names_its_reason_and_changes_nothing(case):
     edits, reason = REFUSALS[case]
-    model = attention(*edits)
-    hist = op_histogram(model)
-    result = GroupQueryAttentionFusion()(model)
-    assert result.counts["fused"] == 0 and result.counts["softmax_left_unfused"] == 1
-    [miss] = result.misses
-    assert miss.startswith("Softmax ") and reason in miss, miss
-    assert op_histogram(model) == hist
+    result = assert_refused(GroupQueryAttentionFusion(), attention(*edits), "Softmax", reason)
+    assert result.counts == {"fused": 0, "softmax_left_unfused": 1}
 
 
 def test_a_graph_without_the_contract_inputs_is_refused_with_the_reason():

@@ -11,7 +11,7 @@ import pytest
 from qgraph import contract
 from qgraph.pass_manager import op_histogram
 from qgraph.passes.rotary_embedding import RotaryEmbeddingFusion
-from tests.passes.conftest import parse, run_twice
+from tests.passes.conftest import assert_refused, parse_edited, run_twice
 
 # past_k stands for the contract's first key buffer (ONNX text has no dots in names): renamed after parsing. Its
 # static length (8) sets the rows of the cos/sin tables.
@@ -42,16 +42,8 @@ rope (int64[1,2] input_ids, int64[1,2] position_ids, float[1,2,2,8] x, float[1,1
 
 
 def rope(*edits: tuple[str, str]) -> ir.Model:
-    """The RoPE graph with each ``(old, new)`` text edit applied (``old`` must occur)."""
-    text = ROPE
-    for old, new in edits:
-        assert old in text, old
-        text = text.replace(old, new)
-    model = parse(text)
-    for value in model.graph.inputs:
-        if value.name == "past_k":
-            value.name = contract.retained_input_name(0, "key")
-    return model
+    """The RoPE graph with each ``(old, new)`` text edit applied."""
+    return parse_edited(ROPE, edits, {"past_k": contract.retained_input_name(0, "key")})
 
 
 def _run(model: ir.Model, positions: list[int]) -> np.ndarray:
@@ -122,13 +114,7 @@ REFUSALS = {
 @pytest.mark.parametrize("case", list(REFUSALS))
 def test_each_refusal_names_its_reason_and_changes_nothing(case):
     edits, reason = REFUSALS[case]
-    model = rope(*edits)
-    hist = op_histogram(model)
-    result = RotaryEmbeddingFusion()(model)
-    assert result.counts == {"fused": 0}
-    [miss] = result.misses
-    assert miss.startswith("Add ") and reason in miss, miss
-    assert op_histogram(model) == hist
+    assert assert_refused(RotaryEmbeddingFusion(), rope(*edits), "Add", reason).counts == {"fused": 0}
 
 
 def test_a_graph_without_retained_state_is_refused_with_the_reason():
