@@ -163,6 +163,8 @@ REFUSALS = {
     # the score MatMul, plain or grouped
     "scores-not-matmul": ([("scaled = Mul(scores, scale)", "scaled = Identity(scores)")],
                           "the unscaled scores are not computed by a MatMul"),
+    "scores-an-input": ([("scaled = Mul(scores, scale)", "scaled = Mul(q, scale)")],
+                        "the unscaled scores are not computed by a MatMul"),
     "grouped-reshape-of-other": ([("scaled = Mul(scores, scale)", "scaled = Reshape(q, kvshape)")],
                                  "a Reshape of q"),
     "grouped-query-not-reshaped": ([("scaled = Mul(scores, scale)",
