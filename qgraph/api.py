@@ -6,22 +6,27 @@ import contextlib
 import logging
 import os
 import sys
+import threading
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from qgraph import __version__
 from qgraph.backend_api import CompileOptions
-from qgraph.cache import DEFAULT_CACHE_DIR, digest, is_complete, publish, tensor_digest
+from qgraph.cache import cache_root, digest, publish, reuse, tensor_digest
 from qgraph.compiler import ONNX_FILE, CompiledArtifact, compile_onnx, get_backend, unused_options
+from qgraph.decoding import generation_config_defaults, resolve_options
 from qgraph.errors import ModelNotFoundError, QGraphError
 from qgraph.pass_manager import PassSpec, parse_pipeline
 from qgraph.progress import step
-from qgraph.runtime import GenerationResult, TextStreamer, greedy_generate
+from qgraph.prompts import prompt_token_ids
+from qgraph.request import Request
+from qgraph.runtime import GenerationResult, StepTimer, StreamEvent, latency_stats, static_batch_steps
 
 EXPORT_OPSET = 20
+logger = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -75,12 +80,13 @@ class QEFFAutoModelForCausalLM:
 
     def __init__(self, model, cache_dir: str | Path | None = None, verbose: bool = True):
         self.model = model
-        self.cache_dir = Path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR
+        self.cache_dir = cache_root(cache_dir)
         self.verbose = verbose
         self._source_key: str | None = None
         self._vanilla_path: Path | None = None
         self.artifact: CompiledArtifact | None = None
         self._session = None
+        self._generate_lock = threading.Lock()  # one session, one set of KV buffers: generate calls take turns
 
     @classmethod
     def from_pretrained(
@@ -116,12 +122,10 @@ class QEFFAutoModelForCausalLM:
             )
         return self._source_key
 
-    def export(self) -> Path:
-        """The vanilla ONNX export (cached); returns its path."""
-        if self._vanilla_path is not None:
-            return self._vanilla_path
+    def export(self, verify: bool = False) -> Path:
+        """The vanilla ONNX export (cached; a damaged entry is rebuilt, ``verify`` re-hashes it); returns its path."""
         directory = self.cache_dir / "exports" / f"{type(self.model).__name__}-{self.source_key}"
-        if not is_complete(directory):
+        if not reuse(directory, verify):
             import onnx_ir as ir
 
             from qgraph.export import export_vanilla
@@ -148,12 +152,16 @@ class QEFFAutoModelForCausalLM:
         num_cores: int | None = None,
         precision: str = "float32",
         passes: str | Sequence[str] | None = None,
+        verify: bool = False,
         **backend_options: Any,
     ) -> Path:
         """Export (if needed), run the backend's passes and compile; returns the artifact directory.
 
         Options a backend does not act on (e.g. ``num_cores`` on ONNX Runtime) are accepted and listed in a note.
+        ``verify`` re-hashes every cached file reused instead of trusting unchanged sizes and mtimes. A compile that
+        fails leaves the model uncompiled (never holding the previous artifact unannounced).
         """
+        self.artifact, self._session = None, None
         target = get_backend(backend)
         options = CompileOptions(
             prefill_seq_len=prefill_seq_len,
@@ -171,9 +179,9 @@ class QEFFAutoModelForCausalLM:
             specs = parse_pipeline(passes) if isinstance(passes, str) else [PassSpec(p) for p in passes]
         else:
             specs = target.pipeline(options)  # before the export: a request the target refuses fails at once
-        vanilla = self.export()
+        vanilla = self.export(verify)
         self.artifact = compile_onnx(
-            vanilla, self.source_key, target, options, self.cache_dir, specs, verbose=self.verbose
+            vanilla, self.source_key, target, options, self.cache_dir, specs, verbose=self.verbose, verify=verify
         )
         if self.verbose:
             verb = "reusing compiled artifact" if self.artifact.reused else "compiled artifact written to"
@@ -188,55 +196,124 @@ class QEFFAutoModelForCausalLM:
 
     # -- generate -----------------------------------------------------------------------------------------------
 
-    def _eos_token_ids(self, tokenizer) -> set[int]:
-        eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
-        if eos is None:
-            eos = tokenizer.eos_token_id
-        if eos is None:
-            return set()
-        return {int(e) for e in (eos if isinstance(eos, list | tuple) else [eos])}
+    def _generation_defaults(self) -> dict[str, Any]:
+        """What the model's generation_config sets, read without loading weights that are not loaded yet."""
+        loaded = vars(self).get("model")
+        config = getattr(loaded, "generation_config", None)
+        return generation_config_defaults(config, getattr(self, "pretrained_path", None))
+
+    def _requests(
+        self, tokenizer, prompts, messages, options: dict[str, Any], start: float
+    ) -> tuple[list[Request], list[str], list[str]]:
+        """The requests of one call (checked before anything runs), the prompt texts to print, and notes."""
+        if self.artifact is None:
+            raise QGraphError("the model is not compiled: call model.compile(...) before model.generate(...)")
+        if tokenizer is None:
+            raise QGraphError("generate needs the tokenizer: generate(tokenizer, prompts) or tokenizer=...")
+        resolved, notes = resolve_options(options, self._generation_defaults(), tokenizer.eos_token_id)
+        texts, prompt_ids = prompt_token_ids(tokenizer, prompts, messages)
+        ctx_len = self.artifact.options.ctx_len
+        requests = [
+            Request(ids, resolved, ctx_len, tokenizer, index=i, submitted=start) for i, ids in enumerate(prompt_ids)
+        ]
+        notes += [r.capped_note for r in requests if r.capped_note]
+        return requests, texts, notes
+
+    def _loaded_session(self):
+        if self._session is None:  # one-time session creation is not part of any request's latency
+            self._session = self.artifact.load()
+        return self._session
 
     def generate(
         self,
         tokenizer,
-        prompts: str | Sequence[str],
+        prompts: str | Sequence[str] | None = None,
         generation_len: int | None = None,
         stream: bool = False,
         verbose: bool | None = None,
-        **_: Any,
+        *,
+        messages: Sequence[Any] | None = None,
+        **options: Any,
     ) -> GenerationResult:
-        """Greedy generation for each prompt; prints the texts and latency stats when ``verbose``."""
+        """Generate for each prompt (or chat conversation in ``messages``); prints texts and stats when ``verbose``.
+
+        Decoding options use transformers' names: ``max_new_tokens`` (= ``generation_len``), ``do_sample``,
+        ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``repetition_penalty``, ``seed`` (each prompt draws from its
+        own generator seeded with it), ``stop`` (strings; the text ends before one), ``eos_token_id``. Unset ones
+        come from the model's generation_config, then transformers' defaults; greedy unless ``do_sample=True``.
+        Safe to call from several threads: calls share one session and take turns.
+        """
         verbose = self.verbose if verbose is None else verbose
-        if self.artifact is None:
-            raise QGraphError("the model is not compiled: call model.compile(...) before model.generate(...)")
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if not prompts:
-            raise QGraphError("no prompts given")
-        if self._session is None:  # one-time session creation is not part of any request's latency
-            self._session = self.artifact.load()
         start = time.perf_counter()
-        prompt_ids = [list(tokenizer(p)["input_ids"]) for p in prompts]
-        streamer = TextStreamer(tokenizer) if stream else None
-        if streamer:
-            print(prompts[0], end="", flush=True)
-        outputs, stats, notes = greedy_generate(
-            self._session,
-            prompt_ids,
-            batch_size=self.artifact.options.batch_size,
-            generation_len=generation_len,
-            eos_token_ids=self._eos_token_ids(tokenizer),
-            pad_token_id=tokenizer.pad_token_id or 0,
-            on_token=streamer,
-            start_time=start,
+        requests, texts, notes = self._requests(
+            tokenizer, prompts, messages, options | {"generation_len": generation_len}, start
         )
-        if streamer:
-            streamer.end()
-        texts = [tokenizer.decode(o, skip_special_tokens=True) for o in outputs]
+        with self._generate_lock:
+            session = self._loaded_session()
+            start = time.perf_counter()  # waiting for another thread's call is not this call's latency
+            for r in requests:
+                r.times.submitted = start
+            if stream:
+                print(texts[0], end="", flush=True)
+            timer = StepTimer()
+            steps = static_batch_steps(
+                session, requests, self.artifact.options.batch_size, tokenizer.pad_token_id or 0, timer
+            )
+            for taken in steps:
+                if stream and any(r is requests[0] for r, _ in taken):
+                    print(requests[0].tracker.increment(requests[0].done), end="", flush=True)
+            stats = latency_stats(requests, timer, start, self.artifact.options.batch_size)
+        if stream:
+            print()
+        result = GenerationResult(
+            [r.generated for r in requests],
+            [r.text for r in requests],
+            stats,
+            [len(r.prompt_ids) for r in requests],
+            notes,
+            [r.finish_reason for r in requests],
+            [r.times.as_dict() for r in requests],
+        )
         if verbose:
             for note in notes:
                 print(f"qgraph: note: {note}", file=sys.stderr)
-            for i, (prompt, text) in enumerate(zip(prompts, texts, strict=True)):
+            for i, (prompt, text) in enumerate(zip(texts, result.generated_texts, strict=True)):
                 if not (stream and i == 0):
                     print(f"{prompt}{text}")
             print(stats.format())
-        return GenerationResult(outputs, texts, stats, [len(p) for p in prompt_ids], notes)
+        return result
+
+    def stream(
+        self, tokenizer, prompt: str | None = None, *, messages: Sequence[Any] | None = None, **options: Any
+    ) -> Iterator[StreamEvent]:
+        """Iterate over one completion as it is generated: ``for event in model.stream(tokenizer, "Hi")``.
+
+        Each event's ``.text`` is the new text since the last event (never a split character, never the start of a
+        stop string that may still complete); joined they are the completion. The last event carries
+        ``.finish_reason`` (``eos``, ``stop``, ``length``) and ``.stats``. Options as for ``generate``. The model's
+        session is held until the iterator ends (or is closed): other ``generate`` calls wait for it.
+        """
+        if isinstance(prompt, list | tuple) or (messages and not isinstance(messages[0], Mapping)):
+            raise QGraphError("stream takes one prompt or one conversation; call it once per prompt")
+        requests, _, notes = self._requests(tokenizer, prompt, messages, options, time.perf_counter())
+        for note in notes:
+            logger.info("note: %s", note)
+        return self._stream_static(requests[0], tokenizer.pad_token_id or 0)
+
+    def _stream_static(self, request: Request, pad_token_id: int) -> Iterator[StreamEvent]:
+        with self._generate_lock:
+            session = self._loaded_session()
+            request.times.submitted = start = time.perf_counter()
+            timer = StepTimer()
+            with contextlib.closing(
+                static_batch_steps(session, [request], self.artifact.options.batch_size, pad_token_id, timer)
+            ) as steps:
+                for taken in steps:
+                    for _, token in taken:
+                        if request.done:
+                            break
+                        yield StreamEvent(request.tracker.increment(), [token])
+            stats = latency_stats([request], timer, start, self.artifact.options.batch_size)
+        yield StreamEvent(
+            request.tracker.increment(finished=True), [request.generated[-1]], request.finish_reason, stats
+        )

@@ -23,7 +23,15 @@ def _add_infer(sub) -> None:
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
     p.add_argument("--prompt-len", type=int, default=32, help="prefill chunk length (prefill_seq_len)")
     p.add_argument("--ctx-len", type=int, default=128, help="KV buffer length: prompt + generated tokens")
-    p.add_argument("--generation-len", type=int, default=None, help="new tokens (default: until EOS or ctx_len)")
+    p.add_argument(
+        "--generation-len",
+        "--max-new-tokens",
+        dest="generation_len",
+        type=int,
+        default=None,
+        help="new tokens (default: until EOS or ctx_len)",
+    )
+    _add_decoding(p)
     p.add_argument("--batch-size", type=int, default=1, help="prompts run together")
     p.add_argument("--backend", default="ort", help="see `qgraph backends`")
     p.add_argument("--num-cores", type=int, default=None, help="cores to compile for (targets that use it)")
@@ -42,6 +50,22 @@ def _add_infer(sub) -> None:
         metavar="KEY=VALUE",
         help="backend option, e.g. mxfp6_matmul=true (values parsed as JSON when they can be)",
     )
+
+
+def _add_decoding(p) -> None:
+    """transformers' decoding options; unset ones come from the model's generation_config."""
+    g = p.add_argument_group("decoding (greedy unless --do-sample)")
+    g.add_argument("--do-sample", action="store_true", default=None, help="sample instead of greedy")
+    g.add_argument("--temperature", type=float)
+    g.add_argument("--top-k", type=int)
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--min-p", type=float)
+    g.add_argument("--repetition-penalty", type=float)
+    g.add_argument("--seed", type=int, help="seed of each prompt's own random generator")
+    g.add_argument("--stop", action="append", help="stop string (repeatable); the text ends before it")
+
+
+DECODING_FLAGS = ("do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "stop")
 
 
 def _parse_options(pairs: list[str]) -> dict:
@@ -75,13 +99,14 @@ def cmd_infer(args) -> int:
         **_parse_options(args.option),
     )
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model, **hf_kwargs)
-    prompts = args.prompt
+    decoding = {k: getattr(args, k) for k in DECODING_FLAGS if getattr(args, k) is not None}
     if args.chat:
-        prompts = [
-            tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-            for p in prompts
-        ]
-    model.generate(tokenizer, prompts, generation_len=args.generation_len, stream=args.stream)
+        conversations = [[{"role": "user", "content": p}] for p in args.prompt]
+        model.generate(
+            tokenizer, messages=conversations, generation_len=args.generation_len, stream=args.stream, **decoding
+        )
+    else:
+        model.generate(tokenizer, args.prompt, generation_len=args.generation_len, stream=args.stream, **decoding)
     return 0
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import onnx_ir as ir
 
 from qgraph.backend_api import Backend, CompileOptions, DecoderSession
-from qgraph.cache import code_digest, digest, is_complete, publish
+from qgraph.cache import code_digest, digest, publish, reuse
 from qgraph.pass_manager import PassReport, PassSpec, format_reports, run_pipeline
 from qgraph.progress import step
 from qgraph.registry import Registry, backend_registry, pass_registry
@@ -77,13 +77,18 @@ def compile_onnx(
     passes: list[PassSpec] | None = None,
     pass_reg: Registry | None = None,
     verbose: bool = True,
+    verify: bool = False,
 ) -> CompiledArtifact:
-    """Run the backend's pipeline (or ``passes``) over the vanilla graph and let the backend compile the result."""
+    """Run the backend's pipeline (or ``passes``) over the vanilla graph and let the backend compile the result.
+
+    A cached artifact is reused only when its files are as published (``verify``: re-hash them all); a damaged one
+    is rebuilt.
+    """
     specs = passes if passes is not None else backend.pipeline(options)
     registry = pass_reg or pass_registry()
     key = artifact_key(source_key, backend, specs, options, registry)
     directory = cache_dir / "compiled" / f"{backend.name}-{key}"
-    if is_complete(directory):
+    if reuse(directory, verify):
         reports = json.loads((directory / REPORT_FILE).read_text())
         return CompiledArtifact(backend, options, directory, reports, reused=True)
     with step(f"compiling for backend {backend.name!r} ({len(specs)} passes)", verbose):
