@@ -27,6 +27,7 @@ FRAGMENTS = ("_RetainedState", "past_key", "past_value", "present.")
 # A literal that happens to spell a contract name but names something else.
 NOT_THE_CONTRACT = {
     ("qgraph/api.py", "input_ids"): "the key of a HuggingFace tokenizer's output",
+    ("qgraph/prompts.py", "input_ids"): "the key of a HuggingFace tokenizer's output",
     ("qgraph/export.py", "past_key_values"): "the attribute of a HuggingFace model's output holding its cache",
 }
 
