@@ -24,6 +24,7 @@ import onnx_ir as ir
 from qgraph import contract
 from qgraph.backend_api import Capabilities, CompileOptions, Kernel
 from qgraph.errors import QGraphError
+from qgraph.graph_utils import MS_DOMAIN
 from qgraph.pass_manager import PassSpec
 from qgraph.pipelines import standard_pipeline
 
@@ -206,7 +207,6 @@ def _providers(options: CompileOptions) -> list[str]:
     return list(options.extra.get("providers") or ["CPUExecutionProvider"])
 
 
-MS_DOMAIN = "com.microsoft"
 FLOATS = frozenset({"float32", "float16"})
 # Activation types ONNX Runtime 1.32 registers com.microsoft.GroupQueryAttention kernels for, per provider
 # (CUDA: float16 / bfloat16 only, contrib_ops/cuda/bert/group_query_attention.cc).
