@@ -101,6 +101,8 @@ class AI100Backend:
         retained_state=True,
         dtypes=frozenset({"float16", "mxfp6", "mxint8"}),
         kernels=frozenset({Kernel(CUSTOM_RMSNORM.domain, CUSTOM_RMSNORM.op_type, frozenset({"float32", "float16"}))}),
+        static_shapes=True,
+        continuous_batching=True,  # full_batch_size: the kv-batch-index pass and QEfficient's batch_index protocol
     )
     used_options: ClassVar[frozenset[str]] = BUNDLE_OPTIONS | {"num_cores", "compiler", "device_ids"}
 
@@ -152,4 +154,5 @@ class AI100Backend:
             prefill_seq_len=manifest["prefill_seq_len"],
             ctx_len=manifest["ctx_len"],
             batch_size=manifest["batch_size"],
+            full_batch_size=manifest.get("full_batch_size"),
         )

@@ -26,7 +26,7 @@ import onnx_ir as ir
 
 from qgraph import contract
 from qgraph.backend_api import CompileOptions
-from qgraph.contract import INPUT_IDS, LOGITS, POSITION_IDS
+from qgraph.contract import BATCH_INDEX, INPUT_IDS, LOGITS, POSITION_IDS
 from qgraph.errors import QGraphError
 
 MODEL_FILE = "model.onnx"
@@ -74,6 +74,7 @@ class BundleSettings:
     aic_enable_depth_first: bool = False
     num_devices: int = 1
     compiler_options: Mapping[str, Any] = field(default_factory=dict)
+    full_batch_size: int | None = None  # continuous batching: KV slots, selected per run by batch_index
 
     @classmethod
     def from_options(cls, options: CompileOptions) -> BundleSettings:
@@ -111,6 +112,7 @@ class BundleSettings:
             aic_enable_depth_first=flag("aic_enable_depth_first"),
             num_devices=int(num_devices),
             compiler_options=passthrough,
+            full_batch_size=options.full_batch_size,
         )
 
     @property
@@ -150,6 +152,8 @@ def name_specialization_dims(graph: ir.Graph, ctx_len: int) -> None:
     by the KV pass, becomes the symbol ``ctx_len`` on the KV inputs and outputs.
     """
     ids = next(v for v in graph.inputs if v.name == INPUT_IDS)
+    # continuous batching: the KV buffers hold full_batch_size slots, a run's batch_index names the ones it uses
+    kv_batch = "full_batch_size" if any(v.name == BATCH_INDEX for v in graph.inputs) else "batch_size"
     if ids.shape is None or ids.shape.rank() != 2:
         raise QGraphError(f"input_ids must have rank 2 [batch, seq], got shape {ids.shape}")
     renames: dict[str, str] = {}
@@ -172,9 +176,11 @@ def name_specialization_dims(graph: ir.Graph, ctx_len: int) -> None:
         if value in io and (contract.is_retained_input(name) or contract.is_retained_output(name)):
             if len(dims) != 4 or dims[2] not in (ctx_len, "ctx_len"):
                 raise QGraphError(f"{name} has shape {value.shape}; expected [batch, heads, {ctx_len}, head_dim]")
-            dims[0], dims[2], changed = ir.SymbolicDim("batch_size"), ir.SymbolicDim("ctx_len"), True
+            dims[0], dims[2], changed = ir.SymbolicDim(kv_batch), ir.SymbolicDim("ctx_len"), True
         elif value in io and name in (INPUT_IDS, POSITION_IDS, LOGITS):
             dims[0], dims[1], changed = ir.SymbolicDim("batch_size"), ir.SymbolicDim("seq_len"), True
+        elif value in io and name == BATCH_INDEX:
+            dims, changed = [ir.SymbolicDim("batch_size"), 1], True
         if changed:
             value.shape = ir.Shape(dims)
 
@@ -183,7 +189,18 @@ def name_specialization_dims(graph: ir.Graph, ctx_len: int) -> None:
 
 
 def specializations(settings: BundleSettings) -> dict[str, list[dict[str, str]]]:
-    """Prefill then decode, values as strings (the plain-list form every SDK version accepts)."""
+    """Prefill then decode, values as strings (the plain-list form every SDK version accepts).
+
+    With ``full_batch_size`` (QEfficient's continuous batching): prefill is one request (``batch_size`` 1) into the
+    slot its ``batch_index`` names, decode runs all ``full_batch_size`` slots."""
+    if settings.full_batch_size:
+        fbs, ctx = str(settings.full_batch_size), str(settings.ctx_len)
+        return {
+            "specializations": [
+                {"batch_size": "1", "seq_len": str(settings.prefill_seq_len), "ctx_len": ctx, "full_batch_size": fbs},
+                {"batch_size": fbs, "seq_len": "1", "ctx_len": ctx, "full_batch_size": fbs},
+            ]
+        }
     entries = []
     for seq_len in dict.fromkeys((settings.prefill_seq_len, 1)):  # one entry when prefill is one token long
         entries.append(
@@ -293,6 +310,7 @@ def write_manifest(directory: Path, argv: list[str], settings: BundleSettings, c
         "compiled": compiled,
         "program": f"{QPC_DIR}/{PROGRAM_FILE}",
         "batch_size": settings.batch_size,
+        "full_batch_size": settings.full_batch_size,
         "prefill_seq_len": settings.prefill_seq_len,
         "ctx_len": settings.ctx_len,
         "num_devices": settings.num_devices,

@@ -23,6 +23,9 @@ import onnx_ir as ir
 
 from qgraph import contract
 from qgraph.backend_api import Capabilities, CompileOptions, Kernel
+from qgraph.backends.ort_options import check_options, check_session_options
+from qgraph.backends.ort_options import providers as requested_providers
+from qgraph.backends.ort_options import session_options as _session_options
 from qgraph.errors import QGraphError
 from qgraph.graph_utils import MS_DOMAIN
 from qgraph.pass_manager import PassSpec
@@ -30,29 +33,6 @@ from qgraph.pipelines import standard_pipeline
 
 MODEL_FILE = "model.onnx"
 SETTINGS_FILE = "ort_settings.json"
-
-_OPT_LEVELS = {
-    "disable": "ORT_DISABLE_ALL",
-    "basic": "ORT_ENABLE_BASIC",
-    "extended": "ORT_ENABLE_EXTENDED",
-    "all": "ORT_ENABLE_ALL",
-}
-
-
-def _session_options(settings: dict[str, Any]):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    for key, value in settings.items():
-        if key == "graph_optimization_level":
-            if value not in _OPT_LEVELS:
-                raise QGraphError(f"graph_optimization_level must be one of {sorted(_OPT_LEVELS)}, got {value!r}")
-            value = getattr(ort.GraphOptimizationLevel, _OPT_LEVELS[value])
-        elif not hasattr(options, key):
-            known = sorted(k for k in dir(options) if not k.startswith("_"))
-            raise QGraphError(f"unknown ONNX Runtime session option {key!r}; SessionOptions has: {', '.join(known)}")
-        setattr(options, key, value)
-    return options
 
 
 class OrtDecoderSession:
@@ -166,6 +146,24 @@ class OrtDecoderSession:
             self._logits_buffers[shape] = (array, self._ort.OrtValue.ortvalue_from_numpy(array))
         return self._logits_buffers[shape]
 
+    def run_row(self, row: int, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        """Feed ``[1, s]`` tokens to batch row ``row`` alone, over that row's views of the shared KV buffers; the
+        other rows' state is untouched (continuous batching: a request is prefilled into a free slot)."""
+        if self._binding is None:
+            raise QGraphError("OrtDecoderSession.run_row before reset(batch_size)")
+        view = self._ort.OrtValue.ortvalue_from_numpy
+        current = [view(a[row : row + 1]) for a in self._arrays]
+        # ping-pong graphs may not write the buffer they read: into a scratch row, copied back after the run
+        scratch = None if self.in_place else [np.empty_like(a[row : row + 1]) for a in self._arrays]
+        following = current if scratch is None else [view(a) for a in scratch]
+        ids, pos = _without_trailing_padding(input_ids, position_ids)
+        logits = self._run(self._bind(list(zip(current, following, strict=True))), ids, pos)
+        for array, new in zip(self._arrays, scratch or [], strict=False):
+            array[row] = new[0]
+        if not self.last_token_only and logits.shape[1] < input_ids.shape[1]:
+            logits = np.pad(logits, ((0, 0), (0, input_ids.shape[1] - logits.shape[1]), (0, 0)))
+        return logits
+
     def _run_rows(self, ids: np.ndarray, pos: np.ndarray) -> np.ndarray:
         """A later prompt chunk of a batch, one row at a time over that row's views of the buffers."""
         view = self._ort.OrtValue.ortvalue_from_numpy
@@ -203,8 +201,9 @@ def _graph_structure(model_path: Path):
 
 
 def _providers(options: CompileOptions) -> list[str]:
-    """The ORT providers asked for (``providers=`` on compile), in priority order; the CPU by default."""
-    return list(options.extra.get("providers") or ["CPUExecutionProvider"])
+    """The ORT providers asked for (``providers=`` on compile: a name or a list), in priority order; the CPU by
+    default."""
+    return requested_providers(options)
 
 
 FLOATS = frozenset({"float32", "float16"})
@@ -275,6 +274,7 @@ class OrtBackend:
         dtypes=frozenset({"float32", "float16", "int8", "int4"}),
         kernels=kernels("CPUExecutionProvider"),
         runs_node_by_node=True,
+        continuous_batching=True,
     )
     used_options: ClassVar[frozenset[str]] = frozenset({"session_options", "providers"})
 
@@ -289,10 +289,13 @@ class OrtBackend:
         provider = _providers(options)[0]
         return standard_pipeline(dataclasses.replace(self.capabilities, kernels=kernels(provider)), options)
 
+    def check_options(self, options: CompileOptions) -> None:
+        """Refuse bad ``providers`` or ``session_options`` before any export (the core calls this first)."""
+        check_options(options)
+
     def compile(self, model: ir.Model, options: CompileOptions, artifact_dir: Path) -> None:
-        settings = dict(options.extra.get("session_options") or {})
+        settings = check_session_options(options.extra.get("session_options") or {})
         providers = _providers(options)
-        _session_options(settings)  # reject bad settings now, not at first generate
         ir.save(model, artifact_dir / MODEL_FILE, external_data=MODEL_FILE + ".data")
         (artifact_dir / SETTINGS_FILE).write_text(
             json.dumps({"session_options": settings, "providers": providers}, indent=2)

@@ -18,12 +18,16 @@ from qgraph.backend_api import CompileOptions
 from qgraph.cache import cache_root, digest, publish, reuse, tensor_digest
 from qgraph.compiler import ONNX_FILE, CompiledArtifact, compile_onnx, get_backend, unused_options
 from qgraph.decoding import generation_config_defaults, resolve_options
+from qgraph.engine import Engine, RequestHandle
 from qgraph.errors import ModelNotFoundError, QGraphError
 from qgraph.pass_manager import PassSpec, parse_pipeline
 from qgraph.progress import step
 from qgraph.prompts import prompt_token_ids
+from qgraph.registry import pass_registry
 from qgraph.request import Request
 from qgraph.runtime import GenerationResult, StepTimer, StreamEvent, latency_stats, static_batch_steps
+from qgraph.stats import LatencyStats
+from qgraph.validation import check_pipeline, check_prompts, check_token_ids
 
 EXPORT_OPSET = 20
 logger = logging.getLogger(__name__)
@@ -87,6 +91,7 @@ class QEFFAutoModelForCausalLM:
         self.artifact: CompiledArtifact | None = None
         self._session = None
         self._generate_lock = threading.Lock()  # one session, one set of KV buffers: generate calls take turns
+        self._engine: Engine | None = None
 
     @classmethod
     def from_pretrained(
@@ -153,16 +158,28 @@ class QEFFAutoModelForCausalLM:
         precision: str = "float32",
         passes: str | Sequence[str] | None = None,
         verify: bool = False,
+        full_batch_size: int | None = None,
         **backend_options: Any,
     ) -> Path:
         """Export (if needed), run the backend's passes and compile; returns the artifact directory.
 
         Options a backend does not act on (e.g. ``num_cores`` on ONNX Runtime) are accepted and listed in a note.
+        ``full_batch_size=N`` (QEfficient's name) compiles for continuous batching: ``generate`` and ``submit`` then
+        run requests through an engine of N KV slots (``model.engine``).
         ``verify`` re-hashes every cached file reused instead of trusting unchanged sizes and mtimes. A compile that
         fails leaves the model uncompiled (never holding the previous artifact unannounced).
         """
-        self.artifact, self._session = None, None
+        with self._generate_lock:
+            if self._engine is not None:
+                self._engine.close()
+            self.artifact, self._session, self._engine = None, None, None
         target = get_backend(backend)
+        if full_batch_size is not None and not target.capabilities.continuous_batching:
+            raise QGraphError(
+                f"backend {backend!r} does not support continuous batching (full_batch_size); compile without "
+                "full_batch_size (static batches of batch_size), or for a backend that does (qgraph backends lists "
+                "continuous_batching=True)"
+            )
         options = CompileOptions(
             prefill_seq_len=prefill_seq_len,
             ctx_len=ctx_len,
@@ -170,15 +187,20 @@ class QEFFAutoModelForCausalLM:
             num_cores=16 if num_cores is None else num_cores,
             precision=precision,
             extra=backend_options,
+            full_batch_size=full_batch_size,
         )
         explicit = ({"num_cores": num_cores} if num_cores is not None else {}) | backend_options
         ignored = unused_options(target, explicit)
         if ignored and self.verbose:
             print(f"qgraph: note: backend {backend!r} does not use {', '.join(ignored)} (ignored)", file=sys.stderr)
+        # before the export, everything that can be checked is: a request the target refuses fails at once
+        check_backend_options = getattr(target, "check_options", None)
+        if check_backend_options is not None:
+            check_backend_options(options)
+        specs = target.pipeline(options)
         if passes is not None:
-            specs = parse_pipeline(passes) if isinstance(passes, str) else [PassSpec(p) for p in passes]
-        else:
-            specs = target.pipeline(options)  # before the export: a request the target refuses fails at once
+            given = parse_pipeline(passes) if isinstance(passes, str) else [PassSpec(p) for p in passes]
+            specs = check_pipeline(given, specs, options.ctx_len, pass_registry())
         vanilla = self.export(verify)
         self.artifact = compile_onnx(
             vanilla, self.source_key, target, options, self.cache_dir, specs, verbose=self.verbose, verify=verify
@@ -186,7 +208,6 @@ class QEFFAutoModelForCausalLM:
         if self.verbose:
             verb = "reusing compiled artifact" if self.artifact.reused else "compiled artifact written to"
             print(f"qgraph: {verb} {self.artifact.directory}", file=sys.stderr)
-        self._session = None
         return self.artifact.directory
 
     @property
@@ -211,7 +232,10 @@ class QEFFAutoModelForCausalLM:
         if tokenizer is None:
             raise QGraphError("generate needs the tokenizer: generate(tokenizer, prompts) or tokenizer=...")
         resolved, notes = resolve_options(options, self._generation_defaults(), tokenizer.eos_token_id)
+        if prompts is not None:  # checks of qgraph.validation: the prompts, then their ids against the vocabulary
+            check_prompts(prompts)
         texts, prompt_ids = prompt_token_ids(tokenizer, prompts, messages)
+        check_token_ids(prompt_ids, getattr(getattr(self.model, "config", None), "vocab_size", None))
         ctx_len = self.artifact.options.ctx_len
         requests = [
             Request(ids, resolved, ctx_len, tokenizer, index=i, submitted=start) for i, ids in enumerate(prompt_ids)
@@ -248,23 +272,10 @@ class QEFFAutoModelForCausalLM:
         requests, texts, notes = self._requests(
             tokenizer, prompts, messages, options | {"generation_len": generation_len}, start
         )
-        with self._generate_lock:
-            session = self._loaded_session()
-            start = time.perf_counter()  # waiting for another thread's call is not this call's latency
-            for r in requests:
-                r.times.submitted = start
-            if stream:
-                print(texts[0], end="", flush=True)
-            timer = StepTimer()
-            steps = static_batch_steps(
-                session, requests, self.artifact.options.batch_size, tokenizer.pad_token_id or 0, timer
-            )
-            for taken in steps:
-                if stream and any(r is requests[0] for r, _ in taken):
-                    print(requests[0].tracker.increment(requests[0].done), end="", flush=True)
-            stats = latency_stats(requests, timer, start, self.artifact.options.batch_size)
-        if stream:
-            print()
+        if self._full_batch_size:
+            stats = self._run_on_engine(requests, texts[0] if stream else None, start)
+        else:
+            stats = self._run_static(requests, texts[0] if stream else None, tokenizer.pad_token_id or 0)
         result = GenerationResult(
             [r.generated for r in requests],
             [r.text for r in requests],
@@ -283,6 +294,84 @@ class QEFFAutoModelForCausalLM:
             print(stats.format())
         return result
 
+    def _run_static(self, requests: list[Request], stream_prompt: str | None, pad_token_id: int) -> LatencyStats:
+        """Static batches of the compiled batch size, one call at a time; prints the first completion if asked."""
+        stream = stream_prompt is not None
+        with self._generate_lock:
+            session = self._loaded_session()
+            start = time.perf_counter()  # waiting for another thread's call is not this call's latency
+            for r in requests:
+                r.times.submitted = start
+            if stream:
+                print(stream_prompt, end="", flush=True)
+            timer = StepTimer()
+            steps = static_batch_steps(session, requests, self.artifact.options.batch_size, pad_token_id, timer)
+            for taken in steps:
+                if stream and any(r is requests[0] for r, _ in taken):
+                    print(requests[0].tracker.increment(requests[0].done), end="", flush=True)
+            stats = latency_stats(requests, timer, start, self.artifact.options.batch_size)
+        if stream:
+            print()
+        return stats
+
+    def _run_on_engine(self, requests: list[Request], stream_prompt: str | None, start: float) -> LatencyStats:
+        """Every request through the continuous-batching engine; aggregate stats of this call.
+
+        Prefill and decode times are the engine's during the call (other callers' requests included when several
+        threads share the engine); device time is what the engine attributed to this call's requests."""
+        engine = self.engine
+        prefill_before, decode_before = engine.prefill_s, engine.decode_s
+        handles = [engine.submit(r) for r in requests]
+        if stream_prompt is not None:
+            print(stream_prompt, end="", flush=True)
+            for event in handles[0]:
+                print(event.text, end="", flush=True)
+            print()
+        completions = [h.result() for h in handles]
+        first = min((r.times.first_token for r in requests if r.times.first_token is not None), default=None)
+        generated = sum(len(r.generated) for r in requests)
+        return LatencyStats(
+            ttft_s=(first - start) if first is not None else 0.0,
+            prefill_s=engine.prefill_s - prefill_before,
+            decode_s=engine.decode_s - decode_before,
+            e2e_s=time.perf_counter() - start,
+            device_s=sum(c.stats.device_s for c in completions),
+            prompt_tokens=sum(len(r.prompt_ids) for r in requests),
+            generated_tokens=generated,
+            decode_tokens=generated - sum(1 for r in requests if r.generated),
+            batch_size=engine.slots,
+        )
+
+    @property
+    def _full_batch_size(self) -> int | None:
+        return self.artifact.options.full_batch_size if self.artifact is not None else None
+
+    @property
+    def engine(self) -> Engine:
+        """The continuous-batching engine of a model compiled with ``full_batch_size`` (created on first use)."""
+        with self._generate_lock:
+            if self._engine is None:
+                if not self._full_batch_size:
+                    raise QGraphError("continuous batching needs a model compiled with full_batch_size=N")
+                self._engine = Engine(self._loaded_session(), self._full_batch_size)
+            return self._engine
+
+    def submit(
+        self, tokenizer, prompt: str | None = None, *, messages: Sequence[Any] | None = None, **options: Any
+    ) -> RequestHandle:
+        """Queue one prompt (or conversation) on the engine, from any thread; returns its handle (iterate it for
+        events, ``result()``, ``await`` it, ``cancel()``). A prompt that does not fit ``ctx_len`` is refused here."""
+        self._check_single(prompt, messages)
+        requests, _, notes = self._requests(tokenizer, prompt, messages, options, time.perf_counter())
+        for note in notes:
+            logger.info("note: %s", note)
+        return self.engine.submit(requests[0])
+
+    @staticmethod
+    def _check_single(prompt: Any, messages: Any) -> None:
+        if isinstance(prompt, list | tuple) or (messages and not isinstance(messages[0], Mapping)):
+            raise QGraphError("stream and submit take one prompt or one conversation; call them once per prompt")
+
     def stream(
         self, tokenizer, prompt: str | None = None, *, messages: Sequence[Any] | None = None, **options: Any
     ) -> Iterator[StreamEvent]:
@@ -293,11 +382,12 @@ class QEFFAutoModelForCausalLM:
         ``.finish_reason`` (``eos``, ``stop``, ``length``) and ``.stats``. Options as for ``generate``. The model's
         session is held until the iterator ends (or is closed): other ``generate`` calls wait for it.
         """
-        if isinstance(prompt, list | tuple) or (messages and not isinstance(messages[0], Mapping)):
-            raise QGraphError("stream takes one prompt or one conversation; call it once per prompt")
+        self._check_single(prompt, messages)
         requests, _, notes = self._requests(tokenizer, prompt, messages, options, time.perf_counter())
         for note in notes:
             logger.info("note: %s", note)
+        if self._full_batch_size:
+            return iter(self.engine.submit(requests[0]))
         return self._stream_static(requests[0], tokenizer.pad_token_id or 0)
 
     def _stream_static(self, request: Request, pad_token_id: int) -> Iterator[StreamEvent]:

@@ -41,6 +41,9 @@ class Capabilities:
     # runs the graph node by node as written, with no whole-graph compiler of its own: every node saved is a dispatch
     # saved (a compiling target fuses and schedules for itself)
     runs_node_by_node: bool = False
+    static_shapes: bool = False  # needs every shape fixed at compile time (it compiles specializations)
+    # its sessions can run one row of a batch alone (``run_row``): continuous batching (``full_batch_size``)
+    continuous_batching: bool = False
 
     def executes(self, domain: str, op_type: str, dtype: str = "float32") -> bool:
         """Whether the target declares a kernel for ``domain::op_type`` on ``dtype`` activations (asked of the ops
@@ -54,6 +57,8 @@ class Capabilities:
             "dtypes": sorted(self.dtypes),
             "kernels": sorted(map(str, self.kernels)),
             "runs_node_by_node": self.runs_node_by_node,
+            "static_shapes": self.static_shapes,
+            "continuous_batching": self.continuous_batching,
         }
 
 
@@ -67,20 +72,23 @@ class CompileOptions:
     num_cores: int = 16
     precision: str = "float32"
     extra: Mapping[str, Any] = field(default_factory=dict)
+    full_batch_size: int | None = None  # continuous batching: KV slots decoded together (QEfficient's name)
 
     def __post_init__(self) -> None:
         from qgraph.errors import QGraphError
+        from qgraph.validation import check_int
 
-        if self.prefill_seq_len < 1 or self.ctx_len < 2 or self.batch_size < 1:
-            raise QGraphError(
-                f"prefill_seq_len, batch_size must be >= 1 and ctx_len >= 2 "
-                f"(got {self.prefill_seq_len}, {self.batch_size}, {self.ctx_len})"
-            )
+        for name, minimum in (("prefill_seq_len", 1), ("ctx_len", 2), ("batch_size", 1), ("num_cores", 1)):
+            check_int(name, getattr(self, name), minimum)
+        if self.full_batch_size is not None:
+            check_int("full_batch_size", self.full_batch_size, 1)
+        if not isinstance(self.precision, str):
+            raise QGraphError(f"precision must be a string such as 'float32', got {self.precision!r}")
         if self.prefill_seq_len > self.ctx_len:
             raise QGraphError(f"prefill_seq_len {self.prefill_seq_len} is larger than ctx_len {self.ctx_len}")
 
     def key(self) -> dict[str, Any]:
-        return {
+        key = {
             "prefill_seq_len": self.prefill_seq_len,
             "ctx_len": self.ctx_len,
             "batch_size": self.batch_size,
@@ -88,6 +96,9 @@ class CompileOptions:
             "precision": self.precision,
             "extra": {k: self.extra[k] for k in sorted(self.extra)},
         }
+        if self.full_batch_size is not None:  # only when set: artifacts compiled without it keep their keys
+            key["full_batch_size"] = self.full_batch_size
+        return key
 
 
 @runtime_checkable

@@ -8,9 +8,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
+from qgraph.cache import cache_root, user_path
 from qgraph.errors import QGraphError
 
 
@@ -42,7 +44,7 @@ def _add_infer(sub) -> None:
     )
     p.add_argument("--passes", help="override the backend's pipeline: a,b,c or a JSON/YAML file")
     p.add_argument("--stream", action="store_true", help="print the first prompt's text as it is generated")
-    p.add_argument("--cache-dir", type=Path, default=None)
+    p.add_argument("--cache-dir", type=user_path, default=None)
     p.add_argument(
         "--option",
         action="append",
@@ -81,13 +83,29 @@ def _parse_options(pairs: list[str]) -> dict:
     return options
 
 
-def cmd_infer(args) -> int:
+def _load_tokenizer(name: str, chat: bool, hf_kwargs: dict):
+    """The tokenizer, loaded before the model is exported: a missing one or one without a chat template (``--chat``)
+    is found in a second, not after the export."""
     from transformers import AutoTokenizer
 
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(user_path(name)), **hf_kwargs)
+    except (OSError, ValueError, TypeError) as exc:
+        raise QGraphError(
+            f"could not load a tokenizer from {name!r} ({' '.join(str(exc).split())[:300]}): pass --tokenizer DIR_OR_ID"
+        ) from exc
+    if chat and not getattr(tokenizer, "chat_template", None):
+        raise QGraphError(f"the tokenizer of {name!r} has no chat template: drop --chat or pass a --tokenizer with one")
+    return tokenizer
+
+
+def cmd_infer(args) -> int:
     from qgraph.api import QEFFAutoModelForCausalLM
 
     hf_kwargs = {"gguf_file": args.gguf_file} if args.gguf_file else {}
+    cache_root(args.cache_dir)  # a --cache-dir that is a file is refused before anything loads
     model = QEFFAutoModelForCausalLM.from_pretrained(args.model, cache_dir=args.cache_dir, **hf_kwargs)
+    tokenizer = _load_tokenizer(args.tokenizer or args.model, args.chat, hf_kwargs)  # before a long export
     model.compile(
         backend=args.backend,
         prefill_seq_len=args.prompt_len,
@@ -98,7 +116,6 @@ def cmd_infer(args) -> int:
         passes=args.passes,
         **_parse_options(args.option),
     )
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model, **hf_kwargs)
     decoding = {k: getattr(args, k) for k in DECODING_FLAGS if getattr(args, k) is not None}
     if args.chat:
         conversations = [[{"role": "user", "content": p}] for p in args.prompt]
@@ -113,6 +130,7 @@ def cmd_infer(args) -> int:
 def cmd_export(args) -> int:
     from qgraph.api import QEFFAutoModelForCausalLM
 
+    cache_root(args.cache_dir)  # a --cache-dir that is a file is refused before the model loads
     model = QEFFAutoModelForCausalLM.from_pretrained(args.model, cache_dir=args.cache_dir)
     path = model.export()
     if args.output:
@@ -125,17 +143,34 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _load_checked_onnx(path: Path):
+    """``path`` as an ``ir.Model`` once it passed ``onnx.checker`` and has a graph with inputs and outputs (a 2-byte
+    file parses as an empty model, from which a pass would write an invalid one)."""
+    import onnx
+    import onnx_ir as ir
+
+    if not path.is_file():
+        raise QGraphError(f"ONNX file {path} does not exist")
+    try:
+        onnx.checker.check_model(str(path))
+        model = ir.load(path)
+    except Exception as exc:  # protobuf, checker, external-data and I/O errors all mean the same to the user
+        reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise QGraphError(f"{path} is not a valid ONNX model ({reason}): give a complete .onnx file") from exc
+    if not model.graph.inputs or not model.graph.outputs:
+        raise QGraphError(f"{path} has a graph without inputs or outputs: give a complete .onnx model")
+    return model
+
+
 def cmd_optimize(args) -> int:
     import onnx_ir as ir
 
     from qgraph.pass_manager import format_reports, parse_pipeline, run_pipeline
 
-    if not args.input.is_file():
-        raise QGraphError(f"ONNX file {args.input} does not exist")
     specs = parse_pipeline(args.passes)
     if not specs:
         raise QGraphError("no passes given: --passes a,b,c or a pipeline file")
-    model = ir.load(args.input)
+    model = _load_checked_onnx(args.input)
     verify = None
     if args.verify:
         from qgraph.verify import max_abs_diff_on_ort
@@ -182,13 +217,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_infer(sub)
     p = sub.add_parser("export", help="export a model to vanilla ONNX (cached); prints the path")
     p.add_argument("--model", required=True)
-    p.add_argument("-o", "--output", type=Path)
-    p.add_argument("--cache-dir", type=Path, default=None)
+    p.add_argument("-o", "--output", type=user_path)
+    p.add_argument("--cache-dir", type=user_path, default=None)
     p = sub.add_parser("optimize", help="run passes on any ONNX file")
-    p.add_argument("input", type=Path)
-    p.add_argument("-o", "--output", type=Path, required=True)
+    p.add_argument("input", type=user_path)
+    p.add_argument("-o", "--output", type=user_path, required=True)
     p.add_argument("--passes", required=True, help="a,b,c or a JSON/YAML pipeline file")
-    p.add_argument("--json", type=Path, help="write the pass reports as JSON")
+    p.add_argument("--json", type=user_path, help="write the pass reports as JSON")
     p.add_argument("--verify", action="store_true", help="measure each pass's max output difference on ORT")
     p.add_argument("--explain", action="store_true", help="list each candidate a pass left unfused, with the reason")
     sub.add_parser("passes", help="list registered passes")
@@ -219,10 +254,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except QGraphError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _error(str(exc))
+    except BrokenPipeError:
+        # the reader went away (``qgraph passes | head``): nothing more can be printed; no traceback at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return _error("output closed early (broken pipe); the command stopped printing")
+    except OSError as exc:  # a path the user gave cannot be read or written
+        where = f" {exc.filename}" if exc.filename else ""
+        return _error(f"could not read or write{where}: {exc.strerror or exc}; check the path and its permissions")
     finally:
         logging.getLogger("qgraph").removeHandler(notes)
+
+
+def _error(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import onnx_ir as ir
 
 __all__ = [
     "ATTENTION_MASK",
+    "BATCH_INDEX",
     "INPUT_IDS",
     "KV_KINDS",
     "LOGITS",
@@ -49,6 +50,9 @@ INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"
 POSITION_IDS = "position_ids"
 LOGITS = "logits"
+# Continuous batching (``kv-batch-index``): which of the ``full_batch_size`` KV slots each row of a run reads and
+# writes, QEfficient's name for it. An optional input of the retained-state contract.
+BATCH_INDEX = "batch_index"
 KV_KINDS = ("key", "value")
 
 _VANILLA_PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
@@ -149,7 +153,7 @@ def retained_state_problems(graph: ir.Graph, ctx_len: int | None = None, complet
             problems.append(f"{pair.input.name} is still appended to by a Concat")
     if complete:
         kv_names = {p.input.name for p in pairs}
-        stray = [n for n in names_in if n not in {INPUT_IDS, POSITION_IDS, ATTENTION_MASK} | kv_names]
+        stray = [n for n in names_in if n not in {INPUT_IDS, POSITION_IDS, ATTENTION_MASK, BATCH_INDEX} | kv_names]
         if stray:
             problems.append(f"inputs the retained-state contract does not have: {', '.join(map(str, stray))}")
     return problems

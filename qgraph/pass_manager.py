@@ -89,14 +89,19 @@ def op_histogram(model: ir.Model) -> collections.Counter[str]:
 
 def parse_pipeline(text_or_path: str | Path) -> list[PassSpec]:
     """``"a,b,c"`` or a JSON/YAML file: ``[{"name": "a", "options": {...}}, "b"]`` (or ``{"passes": [...]}``)."""
-    path = Path(text_or_path)
+    path = Path(text_or_path).expanduser()
     if path.suffix in {".json", ".yaml", ".yml"}:
         if not path.is_file():
             raise QGraphError(f"pipeline file {path} does not exist")
         import yaml  # YAML is a superset of JSON
 
-        data = yaml.safe_load(path.read_text())
+        try:
+            data = yaml.safe_load(path.read_text())
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise QGraphError(f"pipeline file {path} is not valid YAML/JSON: {' '.join(str(exc).split())}") from exc
         items = data.get("passes", []) if isinstance(data, dict) else data
+        if not isinstance(items, list):
+            raise QGraphError(f"pipeline file {path} holds {type(items).__name__}; it must list passes: [a, b, ...]")
         specs = []
         for item in items:
             if isinstance(item, str):

@@ -30,7 +30,9 @@ def standard_pipeline(
     (``capabilities``) and what each pass declares it writes (``GraphPass.emitted``): a pass that writes an op beyond
     standard ONNX is given only to a target with a kernel for that op on the graph's activation type.
 
-    - ``kv-retained-state`` for targets that keep the KV cache on the device (``retained_state``);
+    - ``kv-retained-state`` for targets that keep the KV cache on the device (``retained_state``), then, with
+      ``full_batch_size`` on a static-shape target (which cannot run one row of its buffers alone),
+      ``kv-batch-index``: QEfficient's ``batch_index`` input selecting the KV slots a run uses;
     - ``rmsnorm-fuse`` with the first lowering the target executes: those it ``offered`` (its own ops, e.g. a
       function-backed custom op), then the built-in ones; none if it executes none;
     - ``layernorm-gelu`` with ORT's Gelu kernels, then ``skip-norm`` (residual Add + norm as one kernel);
@@ -67,6 +69,8 @@ def standard_pipeline(
     specs: list[PassSpec | None] = []
     if capabilities.retained_state:
         specs.append(PassSpec("kv-retained-state", {"ctx_len": options.ctx_len}))
+    if options.full_batch_size and capabilities.retained_state and capabilities.static_shapes:
+        specs.append(PassSpec("kv-batch-index"))
     lowerings = (executable("rmsnorm-fuse", lowering=lowering) for lowering in (*offered, *BUILTIN_RMSNORM_LOWERINGS))
     specs += [next(filter(None, lowerings), None)]
     specs += [executable("layernorm-gelu", gelu=ORT_CONTRIB_DOMAIN), executable("skip-norm")]

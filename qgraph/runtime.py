@@ -74,8 +74,15 @@ class StepTimer:
     device_s: float = 0.0
 
 
-def prefill_rows(session: DecoderSession, rows: list[list[int]], pad_token_id: int) -> np.ndarray:
-    """Run all prompt chunks; return the logits of each row's last prompt token ``[b, V]``."""
+def prefill_rows(
+    session: DecoderSession,
+    rows: list[list[int]],
+    pad_token_id: int,
+    run: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+) -> np.ndarray:
+    """Run all prompt chunks (through ``run``, ``session.run`` by default); return the logits of each row's last
+    prompt token ``[b, V]``."""
+    run = run or session.run
     chunk = session.prefill_seq_len
     lengths = [len(r) for r in rows]
     n_chunks = max(1, -(-max(lengths) // chunk))
@@ -87,7 +94,7 @@ def prefill_rows(session: DecoderSession, rows: list[list[int]], pad_token_id: i
             piece = row[c * chunk : (c + 1) * chunk]
             ids[i, : len(piece)] = piece
             pos[i, : len(piece)] = np.arange(c * chunk, c * chunk + len(piece))
-        logits = session.run(ids, pos)
+        logits = run(ids, pos)
         for i, length in enumerate(lengths):
             if length and (length - 1) // chunk == c:
                 # [b, 1, V]: the graph kept only each row's last valid token (last-token-logits)

@@ -61,8 +61,8 @@ def _graph_without_kv() -> ir.Model:
     m = ir.Value(name="attention_mask", shape=ir.Shape(["b", "t"]), type=ir.TensorType(ir.DataType.INT64))
     p = ir.Value(name="position_ids", shape=ir.Shape(["b", "s"]), type=ir.TensorType(ir.DataType.INT64))
     node = ir.node("Add", [x, p])
-    node.outputs[0].name = "logits"
-    graph = ir.Graph([x, m, p], node.outputs, nodes=[node], opset_imports={"": 20})
+    node.outputs[0].name, node.outputs[0].shape, node.outputs[0].type = "logits", x.shape, x.type
+    graph = ir.Graph([x, m, p], node.outputs, nodes=[node], opset_imports={"": 20}, name="no_kv")
     return ir.Model(graph, ir_version=10)
 
 

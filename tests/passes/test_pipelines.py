@@ -28,6 +28,7 @@ ORT_LIKE = Capabilities(
 )
 AI100_LIKE = Capabilities(
     retained_state=True,
+    static_shapes=True,
     dtypes=frozenset({"float16", "mxfp6"}),
     kernels=frozenset({Kernel(*CUSTOM_RMSNORM.op, FLOATS)}),
 )
@@ -125,7 +126,14 @@ def test_capabilities_are_facts_no_field_names_a_pass_or_a_policy():
     from qgraph.registry import pass_registry
 
     fields = {f.name for f in dataclasses.fields(Capabilities)}
-    assert fields == {"retained_state", "dtypes", "kernels", "runs_node_by_node"}
+    assert fields == {
+        "retained_state",
+        "dtypes",
+        "kernels",
+        "runs_node_by_node",
+        "static_shapes",
+        "continuous_batching",
+    }
     words = [name.replace("-", "_") for name in pass_registry().names()] + ["rmsnorm", "lowering", "speedups"]
     assert not [(f, w) for f in fields for w in words if w in f]
 
