@@ -1,6 +1,6 @@
 """Continuous batching on static-shape targets: a ``batch_index`` input selects the KV slots a run reads and writes.
 
-Why: a target with static shapes and the KV cache on the device (Cloud AI 100) cannot run one row of its KV buffers
+Why: a target with static shapes and the KV cache on the device cannot run one row of its KV buffers
 alone, as ONNX Runtime does over a row view. QEfficient's protocol instead keeps ``full_batch_size`` rows of KV state
 and gives every run a ``batch_index`` ``[batch, 1]``: a batch-1 prefill names the slot it fills, a decode of all
 ``full_batch_size`` rows names ``0..full_batch_size-1``.
