@@ -1,4 +1,4 @@
-"""``qgraph`` command line: infer, export, optimize, passes, backends.
+"""``qgraph`` command line: infer, export, optimize, check, passes, backends.
 
 Errors that come from the user's input are printed as one line (``error: ...``) with exit code 2, not a traceback.
 """
@@ -43,6 +43,7 @@ def _add_infer(sub) -> None:
         help="float32, float16, or weight-only int8 / int4 (MatMulNBits); `qgraph backends` lists each one's dtypes",
     )
     p.add_argument("--passes", help="override the backend's pipeline: a,b,c or a JSON/YAML file")
+    p.add_argument("--dtype", default=None, help="export dtype: float32 (default), float16, bfloat16 or auto (stored)")
     p.add_argument("--stream", action="store_true", help="print the first prompt's text as it is generated")
     p.add_argument("--cache-dir", type=user_path, default=None)
     p.add_argument(
@@ -104,7 +105,9 @@ def cmd_infer(args) -> int:
 
     hf_kwargs = {"gguf_file": args.gguf_file} if args.gguf_file else {}
     cache_root(args.cache_dir)  # a --cache-dir that is a file is refused before anything loads
-    model = QEFFAutoModelForCausalLM.from_pretrained(args.model, cache_dir=args.cache_dir, **hf_kwargs)
+    model = QEFFAutoModelForCausalLM.from_pretrained(
+        args.model, cache_dir=args.cache_dir, dtype=args.dtype, **hf_kwargs
+    )
     tokenizer = _load_tokenizer(args.tokenizer or args.model, args.chat, hf_kwargs)  # before a long export
     model.compile(
         backend=args.backend,
@@ -131,7 +134,7 @@ def cmd_export(args) -> int:
     from qgraph.api import QEFFAutoModelForCausalLM
 
     cache_root(args.cache_dir)  # a --cache-dir that is a file is refused before the model loads
-    model = QEFFAutoModelForCausalLM.from_pretrained(args.model, cache_dir=args.cache_dir)
+    model = QEFFAutoModelForCausalLM.from_pretrained(args.model, cache_dir=args.cache_dir, dtype=args.dtype)
     path = model.export()
     if args.output:
         import onnx_ir as ir
@@ -186,6 +189,16 @@ def cmd_optimize(args) -> int:
     return 0
 
 
+def cmd_check(args) -> int:
+    from qgraph.check import check_model
+
+    report = check_model(args.model, backend=args.backend, cache_dir=args.cache_dir)
+    print(report.format())
+    if args.json:
+        args.json.write_text(json.dumps(report.as_dict(), indent=2))
+    return 0 if report.converts and report.tokens_exact else 1
+
+
 def cmd_passes(args) -> int:
     from qgraph.registry import pass_registry
 
@@ -219,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("-o", "--output", type=user_path)
     p.add_argument("--cache-dir", type=user_path, default=None)
+    p.add_argument("--dtype", default=None, help="export dtype: float32 (default), float16, bfloat16 or auto (stored)")
     p = sub.add_parser("optimize", help="run passes on any ONNX file")
     p.add_argument("input", type=user_path)
     p.add_argument("-o", "--output", type=user_path, required=True)
@@ -226,6 +240,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=user_path, help="write the pass reports as JSON")
     p.add_argument("--verify", action="store_true", help="measure each pass's max output difference on ORT")
     p.add_argument("--explain", action="store_true", help="list each candidate a pass left unfused, with the reason")
+    p = sub.add_parser(
+        "check",
+        help="from config.json alone: build the architecture tiny, convert it, compare greedy tokens with HF "
+        "(exit 0: converts with exact tokens; 1: it does not, and says where)",
+    )
+    p.add_argument("model", help="hub id or directory with a config.json (no weights are read)")
+    p.add_argument("--backend", default="ort", help="see `qgraph backends`")
+    p.add_argument("--json", type=user_path, help="write the report as JSON")
+    p.add_argument("--cache-dir", type=user_path, default=None, help="keep the tiny model's artifacts here")
     sub.add_parser("passes", help="list registered passes")
     sub.add_parser("backends", help="list registered backends and their capabilities")
     return parser
@@ -235,6 +258,7 @@ COMMANDS = {
     "infer": cmd_infer,
     "export": cmd_export,
     "optimize": cmd_optimize,
+    "check": cmd_check,
     "passes": cmd_passes,
     "backends": cmd_backends,
 }
