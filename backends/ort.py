@@ -225,6 +225,7 @@ _CPU_KERNELS = frozenset(
         Kernel(MS_DOMAIN, "SkipSimplifiedLayerNormalization", FLOATS),
         Kernel(MS_DOMAIN, "RotaryEmbedding", FLOATS),
         Kernel(MS_DOMAIN, "MatMulNBits", FLOATS),
+        Kernel(MS_DOMAIN, "GatherBlockQuantized", FLOATS),
     }
 )
 

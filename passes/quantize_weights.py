@@ -58,7 +58,7 @@ class QuantizeWeights(GraphPass):
     """Constant-weight MatMul/Gemm -> ``com.microsoft.MatMulNBits`` (weight-only, blockwise, 4 or 8 bits)."""
 
     name = "quantize-weights"
-    emits = frozenset({(MS_DOMAIN, "MatMulNBits")})
+    emits = frozenset({(MS_DOMAIN, "MatMulNBits"), (MS_DOMAIN, "GatherBlockQuantized")})
     summary = "weight-only blockwise int4/int8 quantization of constant MatMul/Gemm weights to MatMulNBits"
 
     def __init__(

@@ -17,7 +17,7 @@ ORT_KERNELS = frozenset(
     | {
         Kernel("com.microsoft", op, FLOATS)
         for op in ("FastGelu", "Gelu", "SkipLayerNormalization", "SkipSimplifiedLayerNormalization")
-        + ("RotaryEmbedding", "GroupQueryAttention", "MatMulNBits")
+        + ("RotaryEmbedding", "GroupQueryAttention", "MatMulNBits", "GatherBlockQuantized")
     }
 )
 ORT_LIKE = Capabilities(
