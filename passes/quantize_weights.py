@@ -40,10 +40,8 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from qgraph.graph_utils import add_initializer, derived_name
+from qgraph.graph_utils import MS_DOMAIN, add_initializer, derived_name
 from qgraph.pass_manager import CountedResult, GraphPass
-
-MS_DOMAIN = "com.microsoft"
 
 
 def _const(value: ir.Value | None) -> np.ndarray | None:
@@ -66,6 +64,7 @@ class QuantizeWeights(GraphPass):
     """Constant-weight MatMul/Gemm -> ``com.microsoft.MatMulNBits`` (weight-only, blockwise, 4 or 8 bits)."""
 
     name = "quantize-weights"
+    emits = frozenset({(MS_DOMAIN, "MatMulNBits"), (MS_DOMAIN, "GatherBlockQuantized")})
     summary = "weight-only blockwise int4/int8 quantization of constant MatMul/Gemm weights to MatMulNBits"
 
     def __init__(

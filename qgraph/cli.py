@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -179,7 +180,7 @@ def cmd_optimize(args) -> int:
 
         verify = max_abs_diff_on_ort
     reports = run_pipeline(model, specs, verify=verify)
-    print(format_reports(reports))
+    print(format_reports(reports, explain=args.explain))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     ir.save(model, args.output, external_data=args.output.name + ".data")
     if args.json:
@@ -238,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--passes", required=True, help="a,b,c or a JSON/YAML pipeline file")
     p.add_argument("--json", type=user_path, help="write the pass reports as JSON")
     p.add_argument("--verify", action="store_true", help="measure each pass's max output difference on ORT")
+    p.add_argument("--explain", action="store_true", help="list each candidate a pass left unfused, with the reason")
     p = sub.add_parser(
         "check",
         help="from config.json alone: build the architecture tiny, convert it, compare greedy tokens with HF "
@@ -262,8 +264,17 @@ COMMANDS = {
 }
 
 
+class _StderrNotes(logging.Handler):
+    """The library's warnings (``logging``) as ``qgraph: note: ...`` lines on the terminal while a command runs."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"qgraph: note: {record.getMessage()}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    notes = _StderrNotes(logging.WARNING)
+    logging.getLogger("qgraph").addHandler(notes)
     try:
         return COMMANDS[args.command](args)
     except QGraphError as exc:
@@ -275,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # a path the user gave cannot be read or written
         where = f" {exc.filename}" if exc.filename else ""
         return _error(f"could not read or write{where}: {exc.strerror or exc}; check the path and its permissions")
+    finally:
+        logging.getLogger("qgraph").removeHandler(notes)
 
 
 def _error(message: str) -> int:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import collections
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import onnx_ir as ir
 from onnx_ir.passes import InPlacePass, PassResult, PostconditionError, PreconditionError
@@ -23,9 +23,14 @@ from qgraph.registry import Registry, pass_registry
 
 @dataclass
 class CountedResult(PassResult):
-    """``PassResult`` plus the pass's own counts, e.g. ``{"kv_scatters": 24}``."""
+    """``PassResult`` plus the pass's own counts, e.g. ``{"kv_scatters": 24}``, and why candidates were left alone.
+
+    ``misses``: one line per candidate the pass looked at and refused, with the reason (``"Softmax n_12: the scores'
+    keys are not ..."``); ``qgraph optimize --explain`` lists them.
+    """
 
     counts: dict[str, int] = field(default_factory=dict)
+    misses: list[str] = field(default_factory=list)
 
 
 class GraphPass(InPlacePass):
@@ -33,6 +38,14 @@ class GraphPass(InPlacePass):
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
+    # (domain, op_type) of the ops beyond standard ONNX this pass writes: the standard pipeline gives the pass only to
+    # targets that execute them (``Capabilities.executes``)
+    emits: ClassVar[frozenset[tuple[str, str]]] = frozenset()
+
+    @classmethod
+    def emitted(cls, options: Mapping[str, Any]) -> frozenset[tuple[str, str]]:
+        """What the pass writes when run with ``options`` (a pass whose options choose its output overrides this)."""
+        return cls.emits
 
     def result(self, model: ir.Model, **counts: int) -> CountedResult:
         return CountedResult(model, modified=any(counts.values()), counts=dict(counts))
@@ -95,6 +108,7 @@ def run_pipeline(
             op_delta=delta,
             counts=dict(getattr(result, "counts", {})),
             modified=result.modified,
+            misses=list(getattr(result, "misses", [])),
         )
         if verify is not None and before_copy is not None:
             report.max_abs_diff = verify(before_copy, result.model)
@@ -102,8 +116,8 @@ def run_pipeline(
     return reports
 
 
-def format_reports(reports: list[PassReport]) -> str:
-    """A fixed-width table, one row per pass."""
+def format_reports(reports: list[PassReport], explain: bool = False) -> str:
+    """A fixed-width table, one row per pass; with ``explain``, each refused candidate and its reason below it."""
     lines = [f"{'pass':<24}{'time s':>8}{'nodes':>14}  counts / op delta"]
     for r in reports:
         counts = ", ".join(f"{k}={v}" for k, v in r.counts.items())
@@ -113,4 +127,6 @@ def format_reports(reports: list[PassReport]) -> str:
             f"{r.name:<24}{r.seconds:>8.2f}{r.nodes_before:>7}->{r.nodes_after:<6}  {counts}{diff}"
             + (f"\n{'':<48}{delta}" if delta else "")
         )
+        if explain:
+            lines += [f"{'':<4}not fused: {miss}" for miss in r.misses]
     return "\n".join(lines)

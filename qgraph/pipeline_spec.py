@@ -36,6 +36,7 @@ class PassReport:
     counts: dict[str, int]
     modified: bool
     max_abs_diff: float | None = None  # filled when numeric verification was asked for
+    misses: list[str] = field(default_factory=list)  # candidates the pass refused, each with its reason
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
