@@ -25,8 +25,8 @@ from qgraph.backend_api import Capabilities, CompileOptions, Kernel
 from qgraph.backends.ort_options import check_options, check_session_options
 from qgraph.backends.ort_options import providers as requested_providers
 from qgraph.backends.ort_options import session_options as _session_options
+from qgraph.domains import MS_DOMAIN
 from qgraph.errors import QGraphError
-from qgraph.graph_utils import MS_DOMAIN
 from qgraph.pipeline_spec import PassSpec
 from qgraph.pipelines import standard_pipeline
 

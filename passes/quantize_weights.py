@@ -36,6 +36,8 @@ left to match the second time).
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
@@ -48,6 +50,28 @@ def _const(value: ir.Value | None) -> np.ndarray | None:
     if value is None or value.const_value is None or not value.is_initializer():
         return None
     return value.const_value.numpy()
+
+
+def _ort_quantizer():
+    """ONNX Runtime's weight-only quantizer classes, imported without the side effect of their module.
+
+    ``matmul_nbits_quantizer`` calls ``logging.basicConfig(level=INFO)`` when imported, which would print every INFO
+    line of every library (onnx_ir's pass logs, with stacks) for the rest of the user's process; the root logger's
+    handlers and level are put back as they were.
+    """
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        from onnxruntime.quantization.matmul_nbits_quantizer import (
+            DefaultWeightOnlyQuantConfig,
+            DefaultWeightOnlyQuantizer,
+        )
+    finally:
+        for handler in root.handlers[:]:
+            if handler not in handlers:
+                root.removeHandler(handler)
+        root.setLevel(level)
+    return DefaultWeightOnlyQuantConfig, DefaultWeightOnlyQuantizer
 
 
 def _reuse_or_add(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
@@ -130,11 +154,7 @@ class QuantizeWeights(GraphPass):
     def _quantize(self, w_kn: np.ndarray, bits: int):
         if bits == 4 and self.float_zero_points and not self.symmetric:
             return self._quantize_min_max(w_kn)
-        from onnxruntime.quantization.matmul_nbits_quantizer import (
-            DefaultWeightOnlyQuantConfig,
-            DefaultWeightOnlyQuantizer,
-        )
-
+        DefaultWeightOnlyQuantConfig, DefaultWeightOnlyQuantizer = _ort_quantizer()
         config = DefaultWeightOnlyQuantConfig(block_size=self.block_size, is_symmetric=self.symmetric, bits=bits)
         return DefaultWeightOnlyQuantizer(config).qbits_block_quant(np.ascontiguousarray(w_kn, dtype=np.float32))
 

@@ -20,7 +20,7 @@ from qgraph import __version__
 from qgraph.backend_api import CompileOptions
 from qgraph.cache import cache_root, digest, publish, reuse, tensor_digest
 from qgraph.checkpoint import Checkpoint, FileDigests, expand_path, looks_like_path, resolve_checkpoint
-from qgraph.compiler import ONNX_FILE, CompiledArtifact, compile_onnx, get_backend, unused_options
+from qgraph.compiler import ONNX_FILE, CompiledArtifact, compile_onnx, default_pipeline, get_backend, unused_options
 from qgraph.decoding import generation_config_defaults, resolve_options
 from qgraph.engine import Engine, RequestHandle
 from qgraph.errors import ModelNotFoundError, QGraphError
@@ -349,7 +349,7 @@ class QEFFAutoModelForCausalLM:
         check_backend_options = getattr(target, "check_options", None)
         if check_backend_options is not None:
             check_backend_options(options)
-        specs = target.pipeline(options)
+        specs = default_pipeline(target, options, self.cache_dir)
         if passes is not None:
             given = parse_pipeline(passes) if isinstance(passes, str) else [PassSpec(p) for p in passes]
             specs = check_pipeline(given, specs, options.ctx_len, pass_registry())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,6 +44,39 @@ def get_backend(name: str, registry: Registry | None = None) -> Backend:
 def unused_options(backend: Backend, given: dict[str, Any]) -> list[str]:
     """Options the caller set that this backend does not act on (accepted, reported, ignored)."""
     return sorted(k for k in given if k not in CORE_OPTIONS and k not in backend.used_options)
+
+
+def default_pipeline(backend: Backend, options: CompileOptions, cache_dir: Path) -> list[PassSpec]:
+    """``backend.pipeline(options)``, remembered under ``cache_dir/pipelines``.
+
+    Deriving a pipeline asks every pass what it writes, which imports them all (onnx_ir, onnxscript: ~60 MB); a
+    process that only reuses a compiled artifact needs the pipeline's names and options, not the passes. The memo is
+    keyed by the backend, its capabilities, the options, and the source of the backend and of every registered pass.
+    """
+    registry = pass_registry()
+    key = digest(
+        {
+            "backend": backend.name,
+            "capabilities": backend.capabilities.as_dict(),
+            "options": options.key(),
+            "passes": registry.names(),
+            "code": code_digest([type(backend).__module__, *(registry.module_of(n) for n in registry.names())]),
+        }
+    )
+    memo = cache_dir / "pipelines" / f"{backend.name}-{key}.json"
+    try:
+        return [PassSpec(s["name"], s["options"]) for s in json.loads(memo.read_text())]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # not remembered yet (or unreadable): derive it
+    specs = backend.pipeline(options)
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_name(f".{memo.name}.{os.getpid()}")
+        tmp.write_text(json.dumps([{"name": s.name, "options": dict(s.options)} for s in specs]))
+        os.replace(tmp, memo)
+    except OSError:
+        pass  # a read-only cache: derived again next time
+    return specs
 
 
 def artifact_key(

@@ -3,6 +3,8 @@ logits stay close, the pass is idempotent, and greedy decoding through the ORT b
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
@@ -244,3 +246,17 @@ def test_gathered_rows_match_the_table_within_half_a_step(tmp_path):
     blocks = table.reshape(200, 2, 32)
     half_step = ((blocks.max(-1) - blocks.min(-1)) / 255 / 2).repeat(32, axis=1)
     assert (np.abs(rows - table[picked]) <= half_step[picked] + 1e-6).all()
+
+
+def test_quantizing_leaves_the_callers_logging_alone():
+    """ORT's quantizer module configures the root logger at INFO on import; the pass must not pass that on.
+    (In a fresh process: under pytest the root logger already has handlers, which makes basicConfig a no-op.)"""
+    import subprocess
+    import sys
+
+    code = (
+        "import logging; from qgraph.passes.quantize_weights import _ort_quantizer; _ort_quantizer(); "
+        "root = logging.getLogger(); print(len(root.handlers), root.level)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["0", str(logging.WARNING)]
