@@ -18,6 +18,11 @@ The LM head (the MatMul that ``logits`` is computed from) gets ``head_bits`` (8 
 files keep ``token_embd``/``output`` at Q8_0 while the blocks are 4-bit: on SmolLM2 a 4-bit head moves the logits by
 half their range, an 8-bit one by ~4%.
 
+Embedding tables (``Gather`` from a float32 ``[V, H]`` initializer) become ``com.microsoft.GatherBlockQuantized``
+with ``embedding_bits`` (8 by default; ``None`` keeps them float32): the same blocks along ``H`` with a scale and
+zero point per block. A decode step reads one row of the table, so this is about memory, not speed: SmolLM2's
+float32 table is 113 MB of a 205 MB int4 model, 8-bit blocks make it 32 MB (a tied head keeps its own copy).
+
 ``float_zero_points=True`` stores 4-bit asymmetric blocks the way llama.cpp's Q4_1 does, ``w = scale * q + min`` with
 the block's own min/max, as MatMulNBits's float zero point ``-min / scale`` (ORT's integer zero point has to round
 ``min`` onto the scale grid). On weights that came from a Q4_1 file (SmolLM2 here) it reproduces them exactly, but
@@ -34,10 +39,8 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from qgraph.graph_utils import add_initializer, derived_name
+from qgraph.graph_utils import MS_DOMAIN, add_initializer, derived_name
 from qgraph.pass_manager import CountedResult, GraphPass
-
-MS_DOMAIN = "com.microsoft"
 
 
 def _const(value: ir.Value | None) -> np.ndarray | None:
@@ -55,6 +58,7 @@ class QuantizeWeights(GraphPass):
     """Constant-weight MatMul/Gemm -> ``com.microsoft.MatMulNBits`` (weight-only, blockwise, 4 or 8 bits)."""
 
     name = "quantize-weights"
+    emits = frozenset({(MS_DOMAIN, "MatMulNBits"), (MS_DOMAIN, "GatherBlockQuantized")})
     summary = "weight-only blockwise int4/int8 quantization of constant MatMul/Gemm weights to MatMulNBits"
 
     def __init__(
@@ -66,10 +70,14 @@ class QuantizeWeights(GraphPass):
         min_elements: int = 4096,
         head_bits: int | None = 8,
         float_zero_points: bool = False,
+        embedding_bits: int | None = 8,
     ):
         for name, value in (("bits", bits), ("head_bits", head_bits if head_bits is not None else bits)):
             if value not in (4, 8):
                 raise ValueError(f"{name} must be 4 or 8, got {value}")
+        if embedding_bits not in (8, None):
+            raise ValueError(f"embedding_bits must be 8 or None (tables stay float32), got {embedding_bits}")
+        self.embedding_bits = embedding_bits
         if block_size < 16 or block_size & (block_size - 1):
             raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
         self.bits, self.block_size, self.symmetric = bits, block_size, symmetric
@@ -139,14 +147,57 @@ class QuantizeWeights(GraphPass):
         packed = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
         return packed, scale, (-low / scale).astype(np.float32)
 
+    def _embedding_table(self, node: ir.Node) -> np.ndarray | None:
+        """The float32 ``[V, H]`` table a ``Gather`` (axis 0) reads rows of, when large enough to quantize."""
+        if node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or _attr(node, "axis", 0) != 0:
+            return None
+        table = _const(node.inputs[0])
+        if table is None or table.ndim != 2 or table.dtype != np.float32 or table.size < self.min_elements:
+            return None
+        return table if table.shape[1] % self.block_size == 0 else None
+
+    def _quantize_embedding(self, graph: ir.Graph, node: ir.Node, table: np.ndarray) -> int:
+        """``Gather(E, ids)`` -> ``GatherBlockQuantized(E_q8, ids, scales, zero_points)``; returns the bytes kept."""
+        rows = table.shape[0]
+        packed, scales, zero_points = self._quantize(np.ascontiguousarray(table.T), self.embedding_bits)
+        base = node.inputs[0].name or node.name
+        parts = [
+            (f"{base}_gather_Q8", packed),
+            (f"{base}_gather_scales", scales),
+            (f"{base}_gather_zero_points", zero_points),
+        ]
+        data, scales_value, zero_points_value = (
+            graph.initializers.get(name) or add_initializer(graph, name, array.reshape(rows, -1))
+            for name, array in parts
+        )
+        attributes = [
+            ir.AttrInt64("bits", self.embedding_bits),
+            ir.AttrInt64("block_size", self.block_size),
+            ir.AttrInt64("gather_axis", 0),
+            ir.AttrInt64("quantize_axis", 1),
+        ]
+        inputs = [data, node.inputs[1], scales_value, zero_points_value]
+        new = ir.Node(
+            MS_DOMAIN, "GatherBlockQuantized", inputs, attributes, name=derived_name(node, "GatherBlockQuantized")
+        )
+        new.outputs[0].shape, new.outputs[0].type = node.outputs[0].shape, node.outputs[0].type
+        ir.convenience.replace_nodes_and_values(graph, node, [node], [new], node.outputs, new.outputs)
+        return packed.nbytes + scales.nbytes + zero_points.nbytes
+
     def call(self, model: ir.Model) -> CountedResult:
         from qgraph.passes.last_token_logits import find_lm_head
 
         graph = model.graph
         head = find_lm_head(graph)
-        quantized = skipped = 0
+        quantized = skipped = embeddings = 0
         bytes_before = bytes_after = 0
         for node in list(graph):
+            table = self._embedding_table(node) if self.embedding_bits else None
+            if table is not None:
+                bytes_after += self._quantize_embedding(graph, node, table)
+                bytes_before += table.nbytes
+                embeddings += 1
+                continue
             found = self._weight_kn(node)
             if found is None:
                 continue
@@ -190,12 +241,13 @@ class QuantizeWeights(GraphPass):
             quantized += 1
             bytes_before += w_kn.nbytes
             bytes_after += packed.nbytes + scales.nbytes + (0 if self.symmetric else zero_points.nbytes)
-        if quantized:
+        if quantized or embeddings:
             model.opset_imports.setdefault(MS_DOMAIN, 1)
             RemoveUnusedNodesPass()(model)  # the float weights (and tied heads' Transposes) nothing reads
         return self.result(
             model,
             quantized=quantized,
+            embeddings_quantized=embeddings,
             skipped_small=skipped,
             weight_mib_before=round(bytes_before / 2**20),
             weight_mib_after=round(bytes_after / 2**20),

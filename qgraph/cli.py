@@ -1,4 +1,4 @@
-"""``qgraph`` command line: infer, export, optimize, passes, backends.
+"""``qgraph`` command line: infer, export, optimize, check, passes, backends.
 
 Errors that come from the user's input are printed as one line (``error: ...``) with exit code 2, not a traceback.
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -42,6 +43,7 @@ def _add_infer(sub) -> None:
         help="float32, float16, or weight-only int8 / int4 (MatMulNBits); `qgraph backends` lists each one's dtypes",
     )
     p.add_argument("--passes", help="override the backend's pipeline: a,b,c or a JSON/YAML file")
+    p.add_argument("--dtype", default=None, help="export dtype: float32 (default), float16, bfloat16 or auto (stored)")
     p.add_argument("--stream", action="store_true", help="print the first prompt's text as it is generated")
     p.add_argument("--cache-dir", type=user_path, default=None)
     p.add_argument(
@@ -103,7 +105,9 @@ def cmd_infer(args) -> int:
 
     hf_kwargs = {"gguf_file": args.gguf_file} if args.gguf_file else {}
     cache_root(args.cache_dir)  # a --cache-dir that is a file is refused before anything loads
-    model = QEFFAutoModelForCausalLM.from_pretrained(args.model, cache_dir=args.cache_dir, **hf_kwargs)
+    model = QEFFAutoModelForCausalLM.from_pretrained(
+        args.model, cache_dir=args.cache_dir, dtype=args.dtype, **hf_kwargs
+    )
     tokenizer = _load_tokenizer(args.tokenizer or args.model, args.chat, hf_kwargs)  # before a long export
     model.compile(
         backend=args.backend,
@@ -130,7 +134,7 @@ def cmd_export(args) -> int:
     from qgraph.api import QEFFAutoModelForCausalLM
 
     cache_root(args.cache_dir)  # a --cache-dir that is a file is refused before the model loads
-    model = QEFFAutoModelForCausalLM.from_pretrained(args.model, cache_dir=args.cache_dir)
+    model = QEFFAutoModelForCausalLM.from_pretrained(args.model, cache_dir=args.cache_dir, dtype=args.dtype)
     path = model.export()
     if args.output:
         import onnx_ir as ir
@@ -176,13 +180,23 @@ def cmd_optimize(args) -> int:
 
         verify = max_abs_diff_on_ort
     reports = run_pipeline(model, specs, verify=verify)
-    print(format_reports(reports))
+    print(format_reports(reports, explain=args.explain))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     ir.save(model, args.output, external_data=args.output.name + ".data")
     if args.json:
         args.json.write_text(json.dumps([r.as_dict() for r in reports], indent=2))
     print(f"wrote {args.output}")
     return 0
+
+
+def cmd_check(args) -> int:
+    from qgraph.check import check_model
+
+    report = check_model(args.model, backend=args.backend, cache_dir=args.cache_dir)
+    print(report.format())
+    if args.json:
+        args.json.write_text(json.dumps(report.as_dict(), indent=2))
+    return 0 if report.converts and report.tokens_exact else 1
 
 
 def cmd_passes(args) -> int:
@@ -218,12 +232,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("-o", "--output", type=user_path)
     p.add_argument("--cache-dir", type=user_path, default=None)
+    p.add_argument("--dtype", default=None, help="export dtype: float32 (default), float16, bfloat16 or auto (stored)")
     p = sub.add_parser("optimize", help="run passes on any ONNX file")
     p.add_argument("input", type=user_path)
     p.add_argument("-o", "--output", type=user_path, required=True)
     p.add_argument("--passes", required=True, help="a,b,c or a JSON/YAML pipeline file")
     p.add_argument("--json", type=user_path, help="write the pass reports as JSON")
     p.add_argument("--verify", action="store_true", help="measure each pass's max output difference on ORT")
+    p.add_argument("--explain", action="store_true", help="list each candidate a pass left unfused, with the reason")
+    p = sub.add_parser(
+        "check",
+        help="from config.json alone: build the architecture tiny, convert it, compare greedy tokens with HF "
+        "(exit 0: converts with exact tokens; 1: it does not, and says where)",
+    )
+    p.add_argument("model", help="hub id or directory with a config.json (no weights are read)")
+    p.add_argument("--backend", default="ort", help="see `qgraph backends`")
+    p.add_argument("--json", type=user_path, help="write the report as JSON")
+    p.add_argument("--cache-dir", type=user_path, default=None, help="keep the tiny model's artifacts here")
     sub.add_parser("passes", help="list registered passes")
     sub.add_parser("backends", help="list registered backends and their capabilities")
     return parser
@@ -233,13 +258,23 @@ COMMANDS = {
     "infer": cmd_infer,
     "export": cmd_export,
     "optimize": cmd_optimize,
+    "check": cmd_check,
     "passes": cmd_passes,
     "backends": cmd_backends,
 }
 
 
+class _StderrNotes(logging.Handler):
+    """The library's warnings (``logging``) as ``qgraph: note: ...`` lines on the terminal while a command runs."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"qgraph: note: {record.getMessage()}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    notes = _StderrNotes(logging.WARNING)
+    logging.getLogger("qgraph").addHandler(notes)
     try:
         return COMMANDS[args.command](args)
     except QGraphError as exc:
@@ -251,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # a path the user gave cannot be read or written
         where = f" {exc.filename}" if exc.filename else ""
         return _error(f"could not read or write{where}: {exc.strerror or exc}; check the path and its permissions")
+    finally:
+        logging.getLogger("qgraph").removeHandler(notes)
 
 
 def _error(message: str) -> int:

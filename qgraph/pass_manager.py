@@ -24,9 +24,14 @@ from qgraph.registry import Registry, pass_registry
 
 @dataclass
 class CountedResult(PassResult):
-    """``PassResult`` plus the pass's own counts, e.g. ``{"kv_scatters": 24}``."""
+    """``PassResult`` plus the pass's own counts, e.g. ``{"kv_scatters": 24}``, and why candidates were left alone.
+
+    ``misses``: one line per candidate the pass looked at and refused, with the reason (``"Softmax n_12: the scores'
+    keys are not ..."``); ``qgraph optimize --explain`` lists them.
+    """
 
     counts: dict[str, int] = field(default_factory=dict)
+    misses: list[str] = field(default_factory=list)
 
 
 class GraphPass(InPlacePass):
@@ -34,6 +39,14 @@ class GraphPass(InPlacePass):
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
+    # (domain, op_type) of the ops beyond standard ONNX this pass writes: the standard pipeline gives the pass only to
+    # targets that execute them (``Capabilities.executes``)
+    emits: ClassVar[frozenset[tuple[str, str]]] = frozenset()
+
+    @classmethod
+    def emitted(cls, options: Mapping[str, Any]) -> frozenset[tuple[str, str]]:
+        """What the pass writes when run with ``options`` (a pass whose options choose its output overrides this)."""
+        return cls.emits
 
     def result(self, model: ir.Model, **counts: int) -> CountedResult:
         return CountedResult(model, modified=any(counts.values()), counts=dict(counts))
@@ -60,6 +73,7 @@ class PassReport:
     counts: dict[str, int]
     modified: bool
     max_abs_diff: float | None = None  # filled when numeric verification was asked for
+    misses: list[str] = field(default_factory=list)  # candidates the pass refused, each with its reason
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -149,6 +163,7 @@ def run_pipeline(
             op_delta=delta,
             counts=dict(getattr(result, "counts", {})),
             modified=result.modified,
+            misses=list(getattr(result, "misses", [])),
         )
         if verify is not None and before_copy is not None:
             report.max_abs_diff = verify(before_copy, result.model)
@@ -156,8 +171,8 @@ def run_pipeline(
     return reports
 
 
-def format_reports(reports: list[PassReport]) -> str:
-    """A fixed-width table, one row per pass."""
+def format_reports(reports: list[PassReport], explain: bool = False) -> str:
+    """A fixed-width table, one row per pass; with ``explain``, each refused candidate and its reason below it."""
     lines = [f"{'pass':<24}{'time s':>8}{'nodes':>14}  counts / op delta"]
     for r in reports:
         counts = ", ".join(f"{k}={v}" for k, v in r.counts.items())
@@ -167,4 +182,6 @@ def format_reports(reports: list[PassReport]) -> str:
             f"{r.name:<24}{r.seconds:>8.2f}{r.nodes_before:>7}->{r.nodes_after:<6}  {counts}{diff}"
             + (f"\n{'':<48}{delta}" if delta else "")
         )
+        if explain:
+            lines += [f"{'':<4}not fused: {miss}" for miss in r.misses]
     return "\n".join(lines)

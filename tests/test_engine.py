@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 from pathlib import Path
@@ -30,15 +31,16 @@ def mixed_requests(n: int = 24) -> list[tuple[str, int]]:
     return out
 
 
-def submit_from_threads(qg, tokenizer, requests, threads: int = 3):
-    """Submit every request from ``threads`` threads, staggered; returns the handles in request order."""
+def submit_from_threads(submit, requests, threads: int = 3):
+    """``submit(prompt, max_new_tokens)`` every request from ``threads`` threads, staggered; returns the handles in
+    request order."""
     handles: list = [None] * len(requests)
 
     def worker(t):
         for i in range(t, len(requests), threads):
             time.sleep(0.003 * (i % 5))
             prompt, new_tokens = requests[i]
-            handles[i] = qg.submit(tokenizer, prompt, max_new_tokens=new_tokens)
+            handles[i] = submit(prompt, new_tokens)
 
     workers = [threading.Thread(target=worker, args=(t,)) for t in range(threads)]
     for w in workers:
@@ -64,7 +66,7 @@ def test_24_requests_from_threads_each_equal_hf_greedy_alone(engine_model, token
     lengths = {len(tokenizer(p)["input_ids"]) for p, _ in requests}
     assert min(lengths) == 1 and max(lengths) > 2 * CHUNK, "prompts must take 1 to 3 prefill chunks"
     steps_before = qg.engine.decode_steps
-    handles = submit_from_threads(qg, tokenizer, requests)
+    handles = submit_from_threads(lambda p, n: qg.submit(tokenizer, p, max_new_tokens=n), requests)
     results = [h.result(timeout=120) for h in handles]
     assert [r.generated_ids for r in results] == [hf_greedy(hf, tokenizer, p, n) for p, n in requests]
     assert qg.engine.decode_steps - steps_before < sum(n for _, n in requests) / 2, "decode steps must be shared"
@@ -127,10 +129,14 @@ def test_a_prompt_that_cannot_fit_is_refused_at_submit(engine_model, tokenizer):
     assert len(qg.submit(tokenizer, "hello world", max_new_tokens=3).result(timeout=60).generated_ids) <= 3
 
 
-def test_full_batch_size_on_a_backend_without_continuous_batching_is_refused(tiny_model_dir, cache_dir):
+def test_full_batch_size_on_a_backend_without_continuous_batching_is_refused(tiny_model_dir, cache_dir, monkeypatch):
+    from qgraph.backends.ort import OrtBackend
+
+    caps = dataclasses.replace(OrtBackend.capabilities, continuous_batching=False)
+    monkeypatch.setattr(OrtBackend, "capabilities", caps)
     qg = QEFFAutoModelForCausalLM.from_pretrained(str(tiny_model_dir("llama")), cache_dir=cache_dir, verbose=False)
     with pytest.raises(QGraphError, match="does not support continuous batching"):
-        qg.compile(backend="ai100", full_batch_size=4)
+        qg.compile(full_batch_size=4)
 
 
 @pytest.mark.slow
@@ -142,6 +148,6 @@ def test_smollm2_24_requests_through_the_engine_equal_each_alone():
     requests = [(p, min(n, 12)) for p, n in mixed_requests()]
     alone = [static.generate(tokenizer, [p], max_new_tokens=n, verbose=False).generated_ids[0] for p, n in requests]
     static.compile(prefill_seq_len=CHUNK, ctx_len=64, full_batch_size=SLOTS)
-    handles = submit_from_threads(static, tokenizer, requests)
+    handles = submit_from_threads(lambda p, n: static.submit(tokenizer, p, max_new_tokens=n), requests)
     assert [h.result(timeout=600).generated_ids for h in handles] == alone
     static.engine.close()
