@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from qgraph.backend_api import Backend, CompileOptions, DecoderSession
-from qgraph.cache import code_digest, digest, publish, reuse
+from qgraph.cache import CacheError, code_digest, digest, entry_problem, publish, reuse
 from qgraph.pipeline_spec import PassSpec
 from qgraph.progress import step
 from qgraph.registry import Registry, backend_registry, pass_registry
@@ -34,6 +34,14 @@ class CompiledArtifact:
         return self.directory / ONNX_FILE
 
     def load(self) -> DecoderSession:
+        """A session over the artifact, once its files are checked to be as published (they may have changed since
+        ``compile``: a raw ORT or JSON error would not say so)."""
+        problem = entry_problem(self.directory)
+        if problem is not None:
+            raise CacheError(
+                f"the compiled artifact {self.directory} changed after compile ({problem}): call compile(...) again "
+                "to rebuild it"
+            )
         return self.backend.load(self.directory, self.options)
 
 
