@@ -104,6 +104,8 @@ def test_the_retained_state_pass_takes_the_compiles_ctx_len(tiny_gpt2, tmp_path)
         (["ok", "bad \udfff"], "prompt 1 is not valid text"),
         ("", "prompt 0 encodes to no tokens"),
         (b"my name", "must be a string or a list of strings"),
+        (None, "give either prompts"),
+        ([], "non-empty list"),
     ],
 )
 def test_a_bad_prompt_is_one_clear_error(tiny_gpt2, tokenizer, prompts, message):
