@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import gc
 import logging
 import os
@@ -164,10 +165,6 @@ class QEFFAutoModelForCausalLM:
         checkpoint = resolve_checkpoint(pretrained_model_name_or_path, hf_kwargs)
         return cls(cache_dir=cache_dir, verbose=verbose, checkpoint=checkpoint, hf_kwargs=hf_kwargs, dtype=dtype)
 
-    def _progress(self, message: str) -> None:
-        if self.verbose:
-            print(f"qgraph: {message} (once) ...", file=sys.stderr, flush=True)
-
     def _note(self, message: str) -> None:
         if self.verbose:
             print(f"qgraph: note: {message}", file=sys.stderr)
@@ -237,7 +234,8 @@ class QEFFAutoModelForCausalLM:
             shaping: dict[str, Any] = {"dtype": self.export_dtype, "opset": EXPORT_OPSET, **_library_versions()}
             if not self._model_handed_out:
                 hf_kwargs = {k: v for k, v in self._hf_kwargs.items() if k not in NON_SHAPING_HF_KWARGS}
-                weights = FileDigests(self.cache_dir).of(self._checkpoint.weight_files, progress=self._progress)
+                stage = functools.partial(step, enabled=self.verbose)
+                weights = FileDigests(self.cache_dir).of(self._checkpoint.weight_files, stage=stage)
                 shaping |= {
                     "class": self.architecture,
                     "config": self._checkpoint.config,

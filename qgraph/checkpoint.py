@@ -14,6 +14,7 @@ import os
 import struct
 import tempfile
 from collections import Counter
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -171,8 +172,9 @@ class FileDigests:
         except OSError as exc:  # a read-only cache still works: the digests are recomputed next time
             log.warning("could not remember file digests in %s: %s", self.memo_path, exc)
 
-    def of(self, files: tuple[Path, ...], progress=None) -> dict[str, str]:
-        """``{file name: content digest}`` for ``files``; ``progress(message)`` hears of each file that is hashed."""
+    def of(self, files: tuple[Path, ...], stage=None) -> dict[str, str]:
+        """``{file name: content digest}`` for ``files``; each file hashed runs inside ``stage(message)`` (a context
+        manager that reports progress), when given."""
         memo = self._read_memo()
         result, changed = {}, False
         for path in files:
@@ -182,9 +184,8 @@ class FileDigests:
             if known and known[:2] == [stat.st_size, stat.st_mtime_ns]:
                 result[path.name] = known[2]
                 continue
-            if progress:
-                progress(f"hashing {path.name} ({stat.st_size / 1e9:.2f} GB)")
-            value = file_digest(path)
+            with stage(f"hashing {path.name} ({stat.st_size / 1e9:.2f} GB, once)") if stage else nullcontext():
+                value = file_digest(path)
             memo[key] = [stat.st_size, stat.st_mtime_ns, value]
             result[path.name] = value
             changed = True
