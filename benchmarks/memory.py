@@ -24,7 +24,6 @@ import sys
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
 QUESTION = "What is the capital of France?"
 MAX_NEW_TOKENS, CTX_LEN, PREFILL = 64, 256, 16
 GENAI_PRECISION = {"float32": "fp32", "int4": "int4"}
@@ -125,6 +124,7 @@ def main() -> int:
         return 0
 
     from benchmarks.models import smollm2_dir
+    from benchmarks.report import write_results
     from qgraph.cache import DEFAULT_CACHE_DIR
 
     model_dir = smollm2_dir()
@@ -155,10 +155,7 @@ def main() -> int:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}",
         "rows": rows,
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "memory.json").write_text(json.dumps(report, indent=2))
-    (RESULTS / "memory.md").write_text(_markdown(report))
-    print(_markdown(report))
+    write_results("memory", report, _markdown(report))
     return 0
 
 

@@ -20,7 +20,14 @@ from typing import Any
 from qgraph import __version__
 from qgraph.backend_api import CompileOptions
 from qgraph.cache import cache_root, digest, publish, reuse, tensor_digest
-from qgraph.checkpoint import Checkpoint, FileDigests, expand_path, looks_like_path, resolve_checkpoint
+from qgraph.checkpoint import (
+    Checkpoint,
+    FileDigests,
+    expand_path,
+    hub_failure_hint,
+    looks_like_path,
+    resolve_checkpoint,
+)
 from qgraph.compiler import ONNX_FILE, CompiledArtifact, compile_onnx, default_pipeline, get_backend, unused_options
 from qgraph.decoding import generation_config_defaults, resolve_options
 from qgraph.engine import Engine, RequestHandle
@@ -70,13 +77,7 @@ def load_hf_model(name_or_path: str | os.PathLike, **hf_kwargs: Any):
     try:
         model = AutoModelForCausalLM.from_pretrained(name, **hf_kwargs)
     except (OSError, ValueError) as exc:
-        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-        hint = (
-            " (HF_HUB_OFFLINE is set, so only the local cache is searched)"
-            if offline
-            else " (not a local directory; the HuggingFace hub could not provide it)"
-        )
-        raise ModelNotFoundError(f"could not load model {name!r}{hint}: {exc}") from exc
+        raise ModelNotFoundError(f"could not load model {name!r} ({hub_failure_hint()}): {exc}") from exc
     return model.eval()
 
 

@@ -110,14 +110,15 @@ def _hub_snapshot(repo_id: str, revision: str | None, token: Any) -> Path:
         if not any(path.glob("*.safetensors")):  # an older repository with PyTorch pickles only
             path = Path(snapshot_download(repo_id, revision=revision, token=token, allow_patterns=[*patterns, "*.bin"]))
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as exc:
-        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-        hint = (
-            "HF_HUB_OFFLINE is set, so only the local hub cache is searched"
-            if offline
-            else "not a local directory, and the HuggingFace hub could not provide it"
-        )
-        raise ModelNotFoundError(f"could not load model {repo_id!r} ({hint}): {exc}") from exc
+        raise ModelNotFoundError(f"could not load model {repo_id!r} ({hub_failure_hint()}): {exc}") from exc
     return path
+
+
+def hub_failure_hint() -> str:
+    """Why a name that is not a local directory could not be loaded: offline mode, or the hub itself."""
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
+        return "HF_HUB_OFFLINE is set, so only the local hub cache is searched"
+    return "not a local directory, and the HuggingFace hub could not provide it"
 
 
 def resolve_checkpoint(name_or_path: str | os.PathLike, hf_kwargs: dict[str, Any] | None = None) -> Checkpoint:
