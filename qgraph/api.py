@@ -136,6 +136,7 @@ class QEFFAutoModelForCausalLM:
         self.cache_dir = cache_root(cache_dir)
         self.verbose = verbose
         stored = checkpoint.stored_dtype() if checkpoint else str(next(model.parameters()).dtype).removeprefix("torch.")
+        self.stored_dtype = stored
         self.export_dtype = resolve_export_dtype(dtype, stored)
         self._source_key: str | None = None
         self._vanilla_path: Path | None = None
@@ -143,8 +144,6 @@ class QEFFAutoModelForCausalLM:
         self._session = None
         self._generate_lock = threading.Lock()  # one session, one set of KV buffers: generate calls take turns
         self._engine: Engine | None = None
-        if stored and stored != self.export_dtype:
-            self._note(f"weights are stored as {stored}; exporting in {self.export_dtype} (dtype= to choose)")
 
     @classmethod
     def from_pretrained(
@@ -275,6 +274,10 @@ class QEFFAutoModelForCausalLM:
 
             from qgraph.export import export_vanilla
 
+            if self.stored_dtype and self.stored_dtype != self.export_dtype:
+                self._note(
+                    f"weights are stored as {self.stored_dtype}; exporting in {self.export_dtype} (dtype= to choose)"
+                )
             loaded_here = self._model is None
             model = self._model_for_export()
             params = sum(p.numel() for p in model.parameters()) / 1e6
