@@ -165,7 +165,16 @@ def cmd_serve(args) -> int:
             tokenizer = _load_tokenizer(name, False, {})
         return Served(model, tokenizer)
 
-    serve(load, args.served_model_name or args.model, args.host, args.port, args.max_queue, api_key)
+    name = args.served_model_name or args.model
+    if args.ray:
+        if importlib.util.find_spec("ray") is None:
+            raise QGraphError("qgraph serve --ray needs Ray Serve: pip install 'qgraph[ray]'")
+        from qgraph.ray_serve import serve_on_ray
+
+        load()  # compile once here: every replica then loads the cached artifact
+        serve_on_ray(load, name, args.host, args.port, args.replicas, args.max_queue, api_key, args.ray_address)
+    else:
+        serve(load, name, args.host, args.port, args.max_queue, api_key)
     return 0
 
 
@@ -304,6 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' (or set {API_KEY_ENV})")
     p.add_argument("--cache-dir", type=user_path, default=None)
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="backend option")
+    p.add_argument("--ray", action="store_true", help="deploy on Ray Serve (a local cluster, or --ray-address)")
+    p.add_argument("--replicas", type=int, default=1, help="with --ray: model replicas, each with its own engine")
+    p.add_argument("--ray-address", default=None, help="with --ray: join this cluster ('auto', ray://HOST:10001)")
     sub.add_parser("passes", help="list registered passes")
     sub.add_parser("backends", help="list registered backends and their capabilities")
     return parser

@@ -271,3 +271,41 @@ def test_qgraph_serve_drains_in_flight_requests_on_sigterm(served, paths, cache_
     finally:
         if process.poll() is None:
             process.kill()
+
+
+@pytest.mark.slow
+def test_ray_serve_replicas_answer_like_the_model_alone(served, paths, cache_dir):
+    """The same app on Ray Serve, two replicas on a local cluster, each loading the cached artifact."""
+    ray = pytest.importorskip("ray")
+    from ray import serve
+
+    from qgraph.ray_serve import application
+    from qgraph.tokenizer import load_tokenizer
+
+    model_dir, tokenizer_dir = str(paths["model"]), str(paths["tokenizer"])
+
+    def load():
+        model = QEFFAutoModelForCausalLM.from_pretrained(model_dir, cache_dir=cache_dir, verbose=False)
+        model.compile(prefill_seq_len=CHUNK, ctx_len=CTX, full_batch_size=SLOTS)
+        assert model.artifact.reused, "a replica reuses the artifact the driver compiled"
+        return Served(model, load_tokenizer(tokenizer_dir))
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(application(load, NAME, replicas=2, cpus_per_replica=0.5), name="qgraph", route_prefix="/")
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(url, timeout_s=300)
+        status = serve.status().applications["qgraph"].deployments["qgraph"]
+        assert status.replica_states.get("RUNNING") == 2
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+        expected = served[1].generate(served[0].tokenizer, [PROMPT], max_new_tokens=10, verbose=False)
+        for _ in range(4):  # requests spread over both replicas: every answer is the model's
+            answer = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=10, temperature=0)
+            assert answer.choices[0].text == expected.generated_texts[0]
+    finally:
+        serve.shutdown()
+        ray.shutdown()
