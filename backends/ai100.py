@@ -114,6 +114,10 @@ class AI100Backend:
         """The standard pipeline, RMSNorm lowered to the card's own CustomRMSNorm (offered to ``rmsnorm-fuse``)."""
         return standard_pipeline(self.capabilities, options, offered=[CUSTOM_RMSNORM])
 
+    def check_options(self, options: CompileOptions) -> None:
+        """Refuse bad ai100 options (flags, ``mos``, ``num_devices``, ``device_ids``) before any export."""
+        device_ids(options, BundleSettings.from_options(options))
+
     def compile(self, model: ir.Model, options: CompileOptions, artifact_dir: Path) -> None:
         settings = BundleSettings.from_options(options)
         device_ids(options, settings)  # reject a bad card list now, not at first generate

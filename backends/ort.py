@@ -16,20 +16,22 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-import onnx_ir as ir
 
 from qgraph import contract
 from qgraph.backend_api import Capabilities, CompileOptions, Kernel
 from qgraph.backends.ort_options import check_options, check_session_options
 from qgraph.backends.ort_options import providers as requested_providers
 from qgraph.backends.ort_options import session_options as _session_options
+from qgraph.domains import MS_DOMAIN
 from qgraph.errors import QGraphError
-from qgraph.graph_utils import MS_DOMAIN
-from qgraph.pass_manager import PassSpec
+from qgraph.pipeline_spec import PassSpec
 from qgraph.pipelines import standard_pipeline
+
+if TYPE_CHECKING:
+    import onnx_ir as ir
 
 MODEL_FILE = "model.onnx"
 SETTINGS_FILE = "ort_settings.json"
@@ -38,7 +40,14 @@ SETTINGS_FILE = "ort_settings.json"
 class OrtDecoderSession:
     """``DecoderSession`` over an ORT ``InferenceSession`` with IOBinding for the retained state."""
 
-    def __init__(self, model_path: Path, settings: dict[str, Any], providers: list[str], prefill_seq_len: int):
+    def __init__(
+        self,
+        model_path: Path,
+        settings: dict[str, Any],
+        providers: list[str],
+        prefill_seq_len: int,
+        facts: dict[str, bool] | None = None,
+    ):
         import onnxruntime as ort
 
         self._ort = ort
@@ -55,10 +64,10 @@ class OrtDecoderSession:
         self.vocab_size = logits.shape[-1] if isinstance(logits.shape[-1], int) else None
         self.logits_dtype = _numpy_dtype(logits.type)
         self._logits_buffers: dict[tuple[int, int], tuple[np.ndarray, Any]] = {}
-        graph = _graph_structure(model_path)
-        self.in_place = _state_updated_in_place(graph, self.state_names)
+        facts = facts or graph_facts(model_path)  # recorded at compile: reading the graph again costs memory
+        self.in_place = facts["in_place"]
         # ORT's CPU GroupQueryAttention takes a later prompt chunk (past context, s > 1) for one row at a time
-        self.rows_one_by_one = any(n.op_type == "GroupQueryAttention" for n in graph.node)
+        self.rows_one_by_one = facts["rows_one_by_one"]
         self.device_seconds = 0.0
         # numpy arrays behind the bound OrtValues (CPU OrtValues made from numpy share its memory)
         self._arrays: list[np.ndarray] = []
@@ -194,10 +203,17 @@ def _without_trailing_padding(ids: np.ndarray, pos: np.ndarray) -> tuple[np.ndar
     return ids[:, :width], pos[:, :width]
 
 
-def _graph_structure(model_path: Path):
+def graph_facts(model_path: Path) -> dict[str, bool]:
+    """What the session needs to know of the graph's structure (read without its weights): whether each KV buffer
+    may be updated in place, and whether later prompt chunks must run row by row (ORT's CPU GroupQueryAttention)."""
     import onnx
 
-    return onnx.load(str(model_path), load_external_data=False).graph
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    state_names = [i.name for i in graph.input if i.name.startswith("past_")]
+    return {
+        "in_place": _state_updated_in_place(graph, state_names),
+        "rows_one_by_one": any(n.op_type == "GroupQueryAttention" for n in graph.node),
+    }
 
 
 def _providers(options: CompileOptions) -> list[str]:
@@ -297,13 +313,20 @@ class OrtBackend:
     def compile(self, model: ir.Model, options: CompileOptions, artifact_dir: Path) -> None:
         settings = check_session_options(options.extra.get("session_options") or {})
         providers = _providers(options)
+        import onnx_ir as ir
+
         ir.save(model, artifact_dir / MODEL_FILE, external_data=MODEL_FILE + ".data")
+        facts = graph_facts(artifact_dir / MODEL_FILE)
         (artifact_dir / SETTINGS_FILE).write_text(
-            json.dumps({"session_options": settings, "providers": providers}, indent=2)
+            json.dumps({"session_options": settings, "providers": providers, "graph": facts}, indent=2)
         )
 
     def load(self, artifact_dir: Path, options: CompileOptions) -> OrtDecoderSession:
         saved = json.loads((artifact_dir / SETTINGS_FILE).read_text())
         return OrtDecoderSession(
-            artifact_dir / MODEL_FILE, saved["session_options"], saved["providers"], options.prefill_seq_len
+            artifact_dir / MODEL_FILE,
+            saved["session_options"],
+            saved["providers"],
+            options.prefill_seq_len,
+            saved.get("graph"),
         )

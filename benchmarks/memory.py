@@ -5,9 +5,11 @@
 Each measured process starts fresh, loads SmolLM2-135M-Instruct from the cache the way a user's second run does
 (qgraph: ``from_pretrained`` + ``compile`` finding the cached artifact + ``generate``; genai: ``og.Model`` on the
 model builder's output), tokenizes the chat-templated question, generates greedily until EOS or 64 tokens, and
-reports its whole-life peak RSS (VmHWM). qgraph's tokenizer is transformers' ``PreTrainedTokenizerFast`` (the class
-``AutoTokenizer`` returns for SmolLM2), genai's its own. A first, unmeasured process of each compiles or builds.
-Rounds alternate qgraph and genai; medians are reported with the ratio. Writes ``benchmarks/results/memory.{json,md}``.
+reports its whole-life peak RSS (VmHWM). qgraph's tokenizer is ``qgraph.load_tokenizer`` (the checkpoint's
+tokenizer.json through the ``tokenizers`` library, as genai uses its own), and in a third row transformers'
+``PreTrainedTokenizerFast`` (what ``AutoTokenizer`` returns for SmolLM2, minus AutoTokenizer's import of torch).
+A first, unmeasured process of each compiles or builds. Rounds alternate the three; medians are reported with the
+ratio to genai. Writes ``benchmarks/results/memory.{json,md}``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ import sys
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
 QUESTION = "What is the capital of France?"
 MAX_NEW_TOKENS, CTX_LEN, PREFILL = 64, 256, 16
 GENAI_PRECISION = {"float32": "fp32", "int4": "int4"}
@@ -44,12 +45,15 @@ def _chat_prompt(model_dir: str) -> str:
     )
 
 
-def qgraph_child(model_dir: str, cache_dir: str, precision: str) -> dict:
-    from transformers import PreTrainedTokenizerFast
+def qgraph_child(model_dir: str, cache_dir: str, precision: str, hf_tokenizer: bool = False) -> dict:
+    from qgraph import QEFFAutoModelForCausalLM, load_tokenizer
 
-    from qgraph import QEFFAutoModelForCausalLM
+    if hf_tokenizer:
+        from transformers import PreTrainedTokenizerFast
 
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)
+    else:
+        tokenizer = load_tokenizer(model_dir)
     model = QEFFAutoModelForCausalLM.from_pretrained(model_dir, cache_dir=cache_dir, verbose=False)
     model.compile(prefill_seq_len=PREFILL, ctx_len=CTX_LEN, precision=precision)
     result = model.generate(tokenizer, [_chat_prompt(model_dir)], generation_len=MAX_NEW_TOKENS, verbose=False)
@@ -59,6 +63,10 @@ def qgraph_child(model_dir: str, cache_dir: str, precision: str) -> dict:
         "reused": model.artifact.reused,
         "torch_imported": "torch" in sys.modules,
     }
+
+
+def qgraph_hf_tokenizer_child(model_dir: str, cache_dir: str, precision: str) -> dict:
+    return qgraph_child(model_dir, cache_dir, precision, hf_tokenizer=True)
 
 
 def genai_child(model_dir: str, cache_dir: str, precision: str) -> dict:
@@ -87,7 +95,12 @@ def genai_child(model_dir: str, cache_dir: str, precision: str) -> dict:
     return {"text": tokenizer.decode(new), "tokens": len(new), "reused": True, "torch_imported": "torch" in sys.modules}
 
 
-CHILDREN = {"qgraph": qgraph_child, "genai": genai_child}
+PEER_LABELS = {
+    "qgraph": "qgraph, qgraph.load_tokenizer",
+    "qgraph-hf-tokenizer": "qgraph, transformers PreTrainedTokenizerFast",
+    "genai": "onnxruntime-genai 0.18",
+}
+CHILDREN = {"qgraph": qgraph_child, "genai": genai_child, "qgraph-hf-tokenizer": qgraph_hf_tokenizer_child}
 
 
 def _run_child(peer: str, model_dir: Path, cache_dir: Path, precision: str) -> dict:
@@ -111,6 +124,7 @@ def main() -> int:
         return 0
 
     from benchmarks.models import smollm2_dir
+    from benchmarks.report import write_results
     from qgraph.cache import DEFAULT_CACHE_DIR
 
     model_dir = smollm2_dir()
@@ -131,6 +145,7 @@ def main() -> int:
                 "peaks_mib": peaks,
                 "median_mib": medians,
                 "ratio": medians["qgraph"] / medians["genai"],
+                "ratio_hf_tokenizer": medians["qgraph-hf-tokenizer"] / medians["genai"],
                 "runs": last,
             }
         )
@@ -140,10 +155,7 @@ def main() -> int:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}",
         "rows": rows,
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "memory.json").write_text(json.dumps(report, indent=2))
-    (RESULTS / "memory.md").write_text(_markdown(report))
-    print(_markdown(report))
+    write_results("memory", report, _markdown(report))
     return 0
 
 
@@ -156,16 +168,18 @@ def _markdown(r: dict) -> str:
         f"SmolLM2-135M-Instruct, chat-templated {QUESTION!r}, greedy until EOS or {MAX_NEW_TOKENS} tokens; "
         "each number is one fresh process's VmHWM; median of the rounds (qgraph and genai alternate).",
         "",
-        "| precision | qgraph MiB (runs) | onnxruntime-genai MiB (runs) | qgraph / genai | qgraph imported torch |",
+        "| precision | process | peak RSS MiB, median (runs) | / onnxruntime-genai | imported torch |",
         "|---|---|---|---|---|",
     ]
     for row in r["rows"]:
-        runs = {p: ", ".join(f"{v:.0f}" for v in vs) for p, vs in row["peaks_mib"].items()}
-        torch_imported = "yes" if row["runs"]["qgraph"]["torch_imported"] else "no"
-        lines.append(
-            f"| {row['precision']} | {row['median_mib']['qgraph']:.0f} ({runs['qgraph']}) | "
-            f"{row['median_mib']['genai']:.0f} ({runs['genai']}) | {row['ratio']:.2f}x | {torch_imported} |"
-        )
+        genai = row["median_mib"]["genai"]
+        for peer, label in PEER_LABELS.items():
+            runs = ", ".join(f"{v:.0f}" for v in row["peaks_mib"][peer])
+            torch_imported = "yes" if row["runs"][peer]["torch_imported"] else "no"
+            lines.append(
+                f"| {row['precision']} | {label} | {row['median_mib'][peer]:.0f} ({runs}) | "
+                f"{row['median_mib'][peer] / genai:.2f}x | {torch_imported} |"
+            )
     lines += ["", "Answers (last round):", ""]
     for row in r["rows"]:
         for peer, run in row["runs"].items():

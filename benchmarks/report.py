@@ -3,6 +3,7 @@ acceptance checks, the Markdown table and the plot."""
 
 from __future__ import annotations
 
+import json
 import statistics
 from pathlib import Path
 
@@ -331,3 +332,14 @@ def model_tables(
             info["settings"][s] = rows
         models[m] = info
     return models
+
+
+RESULTS_DIR = Path(__file__).parent / "results"
+
+
+def write_results(name: str, data: dict, markdown: str) -> None:
+    """``results/NAME.json`` (the data) and ``results/NAME.md`` (what a reader sees), printed as well."""
+    RESULTS_DIR.mkdir(exist_ok=True)
+    (RESULTS_DIR / f"{name}.json").write_text(json.dumps(data, indent=2))
+    (RESULTS_DIR / f"{name}.md").write_text(markdown)
+    print(markdown)

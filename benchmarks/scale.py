@@ -24,7 +24,6 @@ import tempfile
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
 PROMPT_LEN, CTX_LEN, PREFILL = 16, 256, 16
 STAGES = ("export", "compile", "generate")  # each in its own process, in this order, over one cache
 
@@ -76,6 +75,7 @@ def main() -> int:
 
     from benchmarks.bandwidth import read_bandwidth_gbs
     from benchmarks.models import llama_1b_dir
+    from benchmarks.report import write_results
     from qgraph.checkpoint import resolve_checkpoint, safetensors_header
 
     model_dir = llama_1b_dir()
@@ -120,10 +120,7 @@ def main() -> int:
         "export_peak_over_float32_bytes": stages["export"]["peak_rss_mib"] * 2**20 / float32_bytes,
         "progress_lines": progress,
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "scale.json").write_text(json.dumps(report, indent=2))
-    (RESULTS / "scale.md").write_text(_markdown(report))
-    print(_markdown(report))
+    write_results("scale", report, _markdown(report))
     return 0
 
 

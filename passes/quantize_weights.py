@@ -19,9 +19,10 @@ files keep ``token_embd``/``output`` at Q8_0 while the blocks are 4-bit: on Smol
 half their range, an 8-bit one by ~4%.
 
 Embedding tables (``Gather`` from a float32 ``[V, H]`` initializer) become ``com.microsoft.GatherBlockQuantized``
-with ``embedding_bits`` (8 by default; ``None`` keeps them float32): the same blocks along ``H`` with a scale and
-zero point per block. A decode step reads one row of the table, so this is about memory, not speed: SmolLM2's
-float32 table is 113 MB of a 205 MB int4 model, 8-bit blocks make it 32 MB (a tied head keeps its own copy).
+8-bit blocks with ``embedding_bits=8`` (default ``None``: they stay float32). This shrinks the artifact on disk
+(SmolLM2 int4: 205 -> 129 MB) but not the memory of a running session: ONNX Runtime maps external data, and a
+gather touches only the pages of the rows it reads. (Sharing the 8-bit blocks of a tied LM head with the gather was
+measured to cost memory: the head's original blocks then stay resident beside their pre-packed copy.)
 
 ``float_zero_points=True`` stores 4-bit asymmetric blocks the way llama.cpp's Q4_1 does, ``w = scale * q + min`` with
 the block's own min/max, as MatMulNBits's float zero point ``-min / scale`` (ORT's integer zero point has to round
@@ -35,6 +36,8 @@ left to match the second time).
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
@@ -47,6 +50,33 @@ def _const(value: ir.Value | None) -> np.ndarray | None:
     if value is None or value.const_value is None or not value.is_initializer():
         return None
     return value.const_value.numpy()
+
+
+def _ort_quantizer():
+    """ONNX Runtime's weight-only quantizer classes, imported without the side effect of their module.
+
+    ``matmul_nbits_quantizer`` calls ``logging.basicConfig(level=INFO)`` when imported, which would print every INFO
+    line of every library (onnx_ir's pass logs, with stacks) for the rest of the user's process; the root logger's
+    handlers and level are put back as they were.
+    """
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        from onnxruntime.quantization.matmul_nbits_quantizer import (
+            DefaultWeightOnlyQuantConfig,
+            DefaultWeightOnlyQuantizer,
+        )
+    finally:
+        for handler in root.handlers[:]:
+            if handler not in handlers:
+                root.removeHandler(handler)
+        root.setLevel(level)
+    return DefaultWeightOnlyQuantConfig, DefaultWeightOnlyQuantizer
+
+
+def _reuse_or_add(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """The initializer ``name`` (a second reader of the same table shares it), else a new one holding ``array``."""
+    return graph.initializers.get(name) or add_initializer(graph, name, array)
 
 
 def _attr(node: ir.Node, name: str, default):
@@ -70,7 +100,7 @@ class QuantizeWeights(GraphPass):
         min_elements: int = 4096,
         head_bits: int | None = 8,
         float_zero_points: bool = False,
-        embedding_bits: int | None = 8,
+        embedding_bits: int | None = None,
     ):
         for name, value in (("bits", bits), ("head_bits", head_bits if head_bits is not None else bits)):
             if value not in (4, 8):
@@ -124,11 +154,7 @@ class QuantizeWeights(GraphPass):
     def _quantize(self, w_kn: np.ndarray, bits: int):
         if bits == 4 and self.float_zero_points and not self.symmetric:
             return self._quantize_min_max(w_kn)
-        from onnxruntime.quantization.matmul_nbits_quantizer import (
-            DefaultWeightOnlyQuantConfig,
-            DefaultWeightOnlyQuantizer,
-        )
-
+        DefaultWeightOnlyQuantConfig, DefaultWeightOnlyQuantizer = _ort_quantizer()
         config = DefaultWeightOnlyQuantConfig(block_size=self.block_size, is_symmetric=self.symmetric, bits=bits)
         return DefaultWeightOnlyQuantizer(config).qbits_block_quant(np.ascontiguousarray(w_kn, dtype=np.float32))
 
@@ -158,17 +184,16 @@ class QuantizeWeights(GraphPass):
 
     def _quantize_embedding(self, graph: ir.Graph, node: ir.Node, table: np.ndarray) -> int:
         """``Gather(E, ids)`` -> ``GatherBlockQuantized(E_q8, ids, scales, zero_points)``; returns the bytes kept."""
-        rows = table.shape[0]
+        rows, width = table.shape
         packed, scales, zero_points = self._quantize(np.ascontiguousarray(table.T), self.embedding_bits)
         base = node.inputs[0].name or node.name
-        parts = [
-            (f"{base}_gather_Q8", packed),
-            (f"{base}_gather_scales", scales),
-            (f"{base}_gather_zero_points", zero_points),
-        ]
         data, scales_value, zero_points_value = (
-            graph.initializers.get(name) or add_initializer(graph, name, array.reshape(rows, -1))
-            for name, array in parts
+            _reuse_or_add(graph, f"{base}_gather_{suffix}", array)
+            for suffix, array in (
+                (f"Q{self.embedding_bits}", packed.reshape(rows, width)),
+                ("scales", scales.reshape(rows, -1)),
+                ("zero_points", zero_points.reshape(rows, -1)),
+            )
         )
         attributes = [
             ir.AttrInt64("bits", self.embedding_bits),
@@ -192,12 +217,6 @@ class QuantizeWeights(GraphPass):
         quantized = skipped = embeddings = 0
         bytes_before = bytes_after = 0
         for node in list(graph):
-            table = self._embedding_table(node) if self.embedding_bits else None
-            if table is not None:
-                bytes_after += self._quantize_embedding(graph, node, table)
-                bytes_before += table.nbytes
-                embeddings += 1
-                continue
             found = self._weight_kn(node)
             if found is None:
                 continue
@@ -241,6 +260,12 @@ class QuantizeWeights(GraphPass):
             quantized += 1
             bytes_before += w_kn.nbytes
             bytes_after += packed.nbytes + scales.nbytes + (0 if self.symmetric else zero_points.nbytes)
+        for node in list(graph) if self.embedding_bits else []:
+            table = self._embedding_table(node)
+            if table is not None:
+                bytes_after += self._quantize_embedding(graph, node, table)
+                bytes_before += table.nbytes
+                embeddings += 1
         if quantized or embeddings:
             model.opset_imports.setdefault(MS_DOMAIN, 1)
             RemoveUnusedNodesPass()(model)  # the float weights (and tied heads' Transposes) nothing reads

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import gc
 import logging
 import os
@@ -19,12 +20,19 @@ from typing import Any
 from qgraph import __version__
 from qgraph.backend_api import CompileOptions
 from qgraph.cache import cache_root, digest, publish, reuse, tensor_digest
-from qgraph.checkpoint import Checkpoint, FileDigests, expand_path, looks_like_path, resolve_checkpoint
-from qgraph.compiler import ONNX_FILE, CompiledArtifact, compile_onnx, get_backend, unused_options
+from qgraph.checkpoint import (
+    Checkpoint,
+    FileDigests,
+    expand_path,
+    hub_failure_hint,
+    looks_like_path,
+    resolve_checkpoint,
+)
+from qgraph.compiler import ONNX_FILE, CompiledArtifact, compile_onnx, default_pipeline, get_backend, unused_options
 from qgraph.decoding import generation_config_defaults, resolve_options
 from qgraph.engine import Engine, RequestHandle
 from qgraph.errors import ModelNotFoundError, QGraphError
-from qgraph.pass_manager import PassSpec, parse_pipeline
+from qgraph.pipeline_spec import PassSpec, parse_pipeline
 from qgraph.progress import step
 from qgraph.prompts import prompt_token_ids
 from qgraph.registry import pass_registry
@@ -69,13 +77,7 @@ def load_hf_model(name_or_path: str | os.PathLike, **hf_kwargs: Any):
     try:
         model = AutoModelForCausalLM.from_pretrained(name, **hf_kwargs)
     except (OSError, ValueError) as exc:
-        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-        hint = (
-            " (HF_HUB_OFFLINE is set, so only the local cache is searched)"
-            if offline
-            else " (not a local directory; the HuggingFace hub could not provide it)"
-        )
-        raise ModelNotFoundError(f"could not load model {name!r}{hint}: {exc}") from exc
+        raise ModelNotFoundError(f"could not load model {name!r} ({hub_failure_hint()}): {exc}") from exc
     return model.eval()
 
 
@@ -134,6 +136,7 @@ class QEFFAutoModelForCausalLM:
         self.cache_dir = cache_root(cache_dir)
         self.verbose = verbose
         stored = checkpoint.stored_dtype() if checkpoint else str(next(model.parameters()).dtype).removeprefix("torch.")
+        self.stored_dtype = stored
         self.export_dtype = resolve_export_dtype(dtype, stored)
         self._source_key: str | None = None
         self._vanilla_path: Path | None = None
@@ -141,8 +144,6 @@ class QEFFAutoModelForCausalLM:
         self._session = None
         self._generate_lock = threading.Lock()  # one session, one set of KV buffers: generate calls take turns
         self._engine: Engine | None = None
-        if stored and stored != self.export_dtype:
-            self._note(f"weights are stored as {stored}; exporting in {self.export_dtype} (dtype= to choose)")
 
     @classmethod
     def from_pretrained(
@@ -163,10 +164,6 @@ class QEFFAutoModelForCausalLM:
             dtype = hf_kwargs.pop("torch_dtype", None)  # transformers' older name for the same argument
         checkpoint = resolve_checkpoint(pretrained_model_name_or_path, hf_kwargs)
         return cls(cache_dir=cache_dir, verbose=verbose, checkpoint=checkpoint, hf_kwargs=hf_kwargs, dtype=dtype)
-
-    def _progress(self, message: str) -> None:
-        if self.verbose:
-            print(f"qgraph: {message} (once) ...", file=sys.stderr, flush=True)
 
     def _note(self, message: str) -> None:
         if self.verbose:
@@ -237,7 +234,8 @@ class QEFFAutoModelForCausalLM:
             shaping: dict[str, Any] = {"dtype": self.export_dtype, "opset": EXPORT_OPSET, **_library_versions()}
             if not self._model_handed_out:
                 hf_kwargs = {k: v for k, v in self._hf_kwargs.items() if k not in NON_SHAPING_HF_KWARGS}
-                weights = FileDigests(self.cache_dir).of(self._checkpoint.weight_files, progress=self._progress)
+                stage = functools.partial(step, enabled=self.verbose)
+                weights = FileDigests(self.cache_dir).of(self._checkpoint.weight_files, stage=stage)
                 shaping |= {
                     "class": self.architecture,
                     "config": self._checkpoint.config,
@@ -276,6 +274,10 @@ class QEFFAutoModelForCausalLM:
 
             from qgraph.export import export_vanilla
 
+            if self.stored_dtype and self.stored_dtype != self.export_dtype:
+                self._note(
+                    f"weights are stored as {self.stored_dtype}; exporting in {self.export_dtype} (dtype= to choose)"
+                )
             loaded_here = self._model is None
             model = self._model_for_export()
             params = sum(p.numel() for p in model.parameters()) / 1e6
@@ -349,13 +351,19 @@ class QEFFAutoModelForCausalLM:
         check_backend_options = getattr(target, "check_options", None)
         if check_backend_options is not None:
             check_backend_options(options)
-        specs = target.pipeline(options)
+        specs = default_pipeline(target, options, self.cache_dir)
         if passes is not None:
             given = parse_pipeline(passes) if isinstance(passes, str) else [PassSpec(p) for p in passes]
             specs = check_pipeline(given, specs, options.ctx_len, pass_registry())
-        vanilla = self.export(verify)
         self.artifact = compile_onnx(
-            vanilla, self.source_key, target, options, self.cache_dir, specs, verbose=self.verbose, verify=verify
+            lambda: self.export(verify),  # only when the compiled artifact is not cached
+            self.source_key,
+            target,
+            options,
+            self.cache_dir,
+            specs,
+            verbose=self.verbose,
+            verify=verify,
         )
         if self.verbose:
             verb = "reusing compiled artifact" if self.artifact.reused else "compiled artifact written to"

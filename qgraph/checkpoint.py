@@ -14,6 +14,7 @@ import os
 import struct
 import tempfile
 from collections import Counter
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,14 +110,15 @@ def _hub_snapshot(repo_id: str, revision: str | None, token: Any) -> Path:
         if not any(path.glob("*.safetensors")):  # an older repository with PyTorch pickles only
             path = Path(snapshot_download(repo_id, revision=revision, token=token, allow_patterns=[*patterns, "*.bin"]))
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as exc:
-        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-        hint = (
-            "HF_HUB_OFFLINE is set, so only the local hub cache is searched"
-            if offline
-            else "not a local directory, and the HuggingFace hub could not provide it"
-        )
-        raise ModelNotFoundError(f"could not load model {repo_id!r} ({hint}): {exc}") from exc
+        raise ModelNotFoundError(f"could not load model {repo_id!r} ({hub_failure_hint()}): {exc}") from exc
     return path
+
+
+def hub_failure_hint() -> str:
+    """Why a name that is not a local directory could not be loaded: offline mode, or the hub itself."""
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
+        return "HF_HUB_OFFLINE is set, so only the local hub cache is searched"
+    return "not a local directory, and the HuggingFace hub could not provide it"
 
 
 def resolve_checkpoint(name_or_path: str | os.PathLike, hf_kwargs: dict[str, Any] | None = None) -> Checkpoint:
@@ -171,8 +173,9 @@ class FileDigests:
         except OSError as exc:  # a read-only cache still works: the digests are recomputed next time
             log.warning("could not remember file digests in %s: %s", self.memo_path, exc)
 
-    def of(self, files: tuple[Path, ...], progress=None) -> dict[str, str]:
-        """``{file name: content digest}`` for ``files``; ``progress(message)`` hears of each file that is hashed."""
+    def of(self, files: tuple[Path, ...], stage=None) -> dict[str, str]:
+        """``{file name: content digest}`` for ``files``; each file hashed runs inside ``stage(message)`` (a context
+        manager that reports progress), when given."""
         memo = self._read_memo()
         result, changed = {}, False
         for path in files:
@@ -182,9 +185,8 @@ class FileDigests:
             if known and known[:2] == [stat.st_size, stat.st_mtime_ns]:
                 result[path.name] = known[2]
                 continue
-            if progress:
-                progress(f"hashing {path.name} ({stat.st_size / 1e9:.2f} GB)")
-            value = file_digest(path)
+            with stage(f"hashing {path.name} ({stat.st_size / 1e9:.2f} GB, once)") if stage else nullcontext():
+                value = file_digest(path)
             memo[key] = [stat.st_size, stat.st_mtime_ns, value]
             result[path.name] = value
             changed = True

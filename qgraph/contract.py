@@ -20,8 +20,10 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import onnx_ir as ir
+if TYPE_CHECKING:  # annotations only: a process that runs a compiled artifact needs no graph library
+    import onnx_ir as ir
 
 __all__ = [
     "ATTENTION_MASK",

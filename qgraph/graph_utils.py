@@ -7,10 +7,10 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 import onnx_ir as ir
 
+from qgraph.domains import MS_DOMAIN  # noqa: F401 - re-exported: passes import it from here
+
 # Ops whose outputs carry facts about a tensor's shape, not its data.
 SHAPE_ONLY_OPS = frozenset({"Shape", "Size"})
-# ONNX Runtime's contrib-op domain (its fused kernels: GroupQueryAttention, RotaryEmbedding, SkipLayerNorm, ...).
-MS_DOMAIN = "com.microsoft"
 
 
 def const(values, dtype=None, name: str | None = None) -> ir.Node:

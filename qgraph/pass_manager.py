@@ -8,17 +8,16 @@ keyword options, and counts of what it changed. ``run_pipeline`` applies a list 
 from __future__ import annotations
 
 import collections
-import json
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import onnx_ir as ir
 from onnx_ir.passes import InPlacePass, PassResult, PostconditionError, PreconditionError
 
 from qgraph.errors import GraphPatternError, QGraphError
+from qgraph.pipeline_spec import PassReport, PassSpec, parse_pipeline  # noqa: F401 - re-exported for plugins
 from qgraph.registry import Registry, pass_registry
 
 
@@ -52,66 +51,12 @@ class GraphPass(InPlacePass):
         return CountedResult(model, modified=any(counts.values()), counts=dict(counts))
 
 
-@dataclass(frozen=True)
-class PassSpec:
-    """One pipeline step: a registered pass name and its options."""
-
-    name: str
-    options: Mapping[str, Any] = field(default_factory=dict)
-
-    def key(self) -> str:
-        return json.dumps({"name": self.name, "options": dict(self.options)}, sort_keys=True, default=str)
-
-
-@dataclass
-class PassReport:
-    name: str
-    seconds: float
-    nodes_before: int
-    nodes_after: int
-    op_delta: dict[str, int]
-    counts: dict[str, int]
-    modified: bool
-    max_abs_diff: float | None = None  # filled when numeric verification was asked for
-    misses: list[str] = field(default_factory=list)  # candidates the pass refused, each with its reason
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
 def op_histogram(model: ir.Model) -> collections.Counter[str]:
     """Op types over the main graph and every function body (domain-qualified when not the default domain)."""
     hist: collections.Counter[str] = collections.Counter()
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
         hist[f"{node.domain}::{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type] += 1
     return hist
-
-
-def parse_pipeline(text_or_path: str | Path) -> list[PassSpec]:
-    """``"a,b,c"`` or a JSON/YAML file: ``[{"name": "a", "options": {...}}, "b"]`` (or ``{"passes": [...]}``)."""
-    path = Path(text_or_path).expanduser()
-    if path.suffix in {".json", ".yaml", ".yml"}:
-        if not path.is_file():
-            raise QGraphError(f"pipeline file {path} does not exist")
-        import yaml  # YAML is a superset of JSON
-
-        try:
-            data = yaml.safe_load(path.read_text())
-        except (yaml.YAMLError, UnicodeDecodeError) as exc:
-            raise QGraphError(f"pipeline file {path} is not valid YAML/JSON: {' '.join(str(exc).split())}") from exc
-        items = data.get("passes", []) if isinstance(data, dict) else data
-        if not isinstance(items, list):
-            raise QGraphError(f"pipeline file {path} holds {type(items).__name__}; it must list passes: [a, b, ...]")
-        specs = []
-        for item in items:
-            if isinstance(item, str):
-                specs.append(PassSpec(item))
-            elif isinstance(item, dict) and "name" in item:
-                specs.append(PassSpec(item["name"], dict(item.get("options") or {})))
-            else:
-                raise QGraphError(f"pipeline file {path}: entry {item!r} is neither a name nor {{name, options}}")
-        return specs
-    return [PassSpec(n.strip()) for n in str(text_or_path).split(",") if n.strip()]
 
 
 def instantiate(spec: PassSpec, registry: Registry) -> GraphPass:

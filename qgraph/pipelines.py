@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from qgraph.errors import QGraphError
-from qgraph.pass_manager import PassSpec
+from qgraph.pipeline_spec import PassSpec
 from qgraph.registry import Registry, pass_registry
 
 QUANTIZED_BITS = {"int8": 8, "int4": 4}  # weight-only precisions -> quantize-weights bits

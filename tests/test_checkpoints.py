@@ -77,11 +77,13 @@ def test_half_precision_checkpoint_gives_float32_tokens(arch, dtype, checkpoint_
     assert on_bundle == [expected]
 
 
-def test_export_dtype_is_in_the_key_and_named_once(checkpoint_dir, cache_dir, capsys):
+def test_export_dtype_is_in_the_key_and_named_when_exporting(checkpoint_dir, tmp_path, capsys):
     directory = checkpoint_dir("llama", torch.bfloat16)
-    upcast = QEFFAutoModelForCausalLM.from_pretrained(directory, cache_dir=cache_dir)
+    upcast = QEFFAutoModelForCausalLM.from_pretrained(directory, cache_dir=tmp_path)
+    assert "weights are stored as" not in capsys.readouterr().err
+    upcast.export()
     assert "weights are stored as bfloat16; exporting in float32" in capsys.readouterr().err
-    kept = QEFFAutoModelForCausalLM.from_pretrained(directory, cache_dir=cache_dir, dtype="auto", verbose=False)
+    kept = QEFFAutoModelForCausalLM.from_pretrained(directory, cache_dir=tmp_path, dtype="auto", verbose=False)
     assert kept.export_dtype == "bfloat16"
     assert upcast.source_key != kept.source_key
 

@@ -3,6 +3,8 @@ logits stay close, the pass is idempotent, and greedy decoding through the ORT b
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
@@ -208,7 +210,9 @@ def test_embedding_tables_become_8_bit_gathers(retained_model, tmp_path, arch):
     tables = [
         n.inputs[0].const_value.numpy() for n in model.graph if n.op_type == "Gather" and n.inputs[0].is_initializer()
     ]
-    [report] = run_pipeline(model, [PassSpec("quantize-weights", {"bits": 8, "accuracy_level": 0, "min_elements": 0})])
+    [report] = run_pipeline(
+        model, [PassSpec("quantize-weights", {"bits": 8, "accuracy_level": 0, "min_elements": 0, "embedding_bits": 8})]
+    )
     assert report.counts["embeddings_quantized"] == len(tables) >= 1
     hist = op_histogram(model)
     assert hist["com.microsoft::GatherBlockQuantized"] == len(tables)
@@ -218,9 +222,9 @@ def test_embedding_tables_become_8_bit_gathers(retained_model, tmp_path, arch):
     assert np.abs(quantized - reference).max() / np.abs(reference).max() < 0.05
 
 
-def test_embedding_bits_none_keeps_the_table_float(retained_model):
+def test_embedding_tables_stay_float_by_default(retained_model):
     model = retained_model("llama")
-    [report] = run_pipeline(model, [PassSpec("quantize-weights", {"min_elements": 0, "embedding_bits": None})])
+    [report] = run_pipeline(model, [PassSpec("quantize-weights", {"min_elements": 0})])
     assert report.counts["embeddings_quantized"] == 0
     assert op_histogram(model)["com.microsoft::GatherBlockQuantized"] == 0
 
@@ -235,10 +239,24 @@ def test_gathered_rows_match_the_table_within_half_a_step(tmp_path):
     gather.outputs[0].name, gather.outputs[0].type = "rows", ir.TensorType(ir.DataType.FLOAT)
     graph = ir.Graph([ids], gather.outputs, nodes=[gather], initializers=[data], opset_imports={"": 20})
     model = ir.Model(graph, ir_version=10)
-    assert QuantizeWeights(min_elements=0)(model).counts["embeddings_quantized"] == 1
+    assert QuantizeWeights(min_elements=0, embedding_bits=8)(model).counts["embeddings_quantized"] == 1
     ir.save(model, tmp_path / "g.onnx")
     picked = np.array([[0, 3, 77, 150, 199]], np.int64)
     rows = ort.InferenceSession(str(tmp_path / "g.onnx")).run(None, {"ids": picked})[0]
     blocks = table.reshape(200, 2, 32)
     half_step = ((blocks.max(-1) - blocks.min(-1)) / 255 / 2).repeat(32, axis=1)
     assert (np.abs(rows - table[picked]) <= half_step[picked] + 1e-6).all()
+
+
+def test_quantizing_leaves_the_callers_logging_alone():
+    """ORT's quantizer module configures the root logger at INFO on import; the pass must not pass that on.
+    (In a fresh process: under pytest the root logger already has handlers, which makes basicConfig a no-op.)"""
+    import subprocess
+    import sys
+
+    code = (
+        "import logging; from qgraph.passes.quantize_weights import _ort_quantizer; _ort_quantizer(); "
+        "root = logging.getLogger(); print(len(root.handlers), root.level)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["0", str(logging.WARNING)]
