@@ -15,6 +15,8 @@ from pathlib import Path
 from qgraph.cache import cache_root, user_path
 from qgraph.errors import QGraphError
 
+API_KEY_ENV = "QGRAPH_API_KEY"  # read by `qgraph serve` only, and said so when used
+
 
 def _add_infer(sub) -> None:
     p = sub.add_parser("infer", help="export, compile and generate; prints text and latency stats")
@@ -127,6 +129,43 @@ def cmd_infer(args) -> int:
         )
     else:
         model.generate(tokenizer, args.prompt, generation_len=args.generation_len, stream=args.stream, **decoding)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    """Start at once (``/health`` answers 503 until ready), compile or reuse the model in the background, serve."""
+    import importlib.util
+
+    missing = [m for m in ("fastapi", "uvicorn", "prometheus_client") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise QGraphError(f"qgraph serve needs {', '.join(missing)}: pip install 'qgraph[serve]'")
+    from qgraph.api import QEFFAutoModelForCausalLM
+    from qgraph.server import Served, serve
+    from qgraph.tokenizer import load_tokenizer
+
+    cache_root(args.cache_dir)
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    if api_key and not args.api_key:
+        logging.getLogger(__name__).warning("requests need the API key set in %s", API_KEY_ENV)
+
+    def load() -> Served:
+        model = QEFFAutoModelForCausalLM.from_pretrained(args.model, cache_dir=args.cache_dir, dtype=args.dtype)
+        model.compile(
+            backend=args.backend,
+            prefill_seq_len=args.prompt_len,
+            ctx_len=args.ctx_len,
+            precision=args.precision,
+            full_batch_size=args.full_batch_size,
+            **_parse_options(args.option),
+        )
+        name = args.tokenizer or args.model
+        try:
+            tokenizer = load_tokenizer(name)  # no transformers (or torch) in the serving process where it can
+        except QGraphError:
+            tokenizer = _load_tokenizer(name, False, {})
+        return Served(model, tokenizer)
+
+    serve(load, args.served_model_name or args.model, args.host, args.port, args.max_queue, api_key)
     return 0
 
 
@@ -249,6 +288,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="ort", help="see `qgraph backends`")
     p.add_argument("--json", type=user_path, help="write the report as JSON")
     p.add_argument("--cache-dir", type=user_path, default=None, help="keep the tiny model's artifacts here")
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (completions, chat, streaming) on the engine")
+    p.add_argument("--model", "--model-name", dest="model", required=True, help="hub id or local directory")
+    p.add_argument("--served-model-name", help="the name clients pass as `model` (default: --model)")
+    p.add_argument("--tokenizer", help="tokenizer id or directory (default: the model's)")
+    p.add_argument("--backend", default="ort", help="see `qgraph backends`")
+    p.add_argument("--full-batch-size", type=int, default=8, help="KV slots: requests decoded together")
+    p.add_argument("--precision", default="float32", help="float32, float16, int8 or int4")
+    p.add_argument("--dtype", default=None, help="export dtype: float32 (default), float16, bfloat16 or auto")
+    p.add_argument("--prompt-len", type=int, default=32, help="prefill chunk length (prefill_seq_len)")
+    p.add_argument("--ctx-len", type=int, default=1024, help="KV buffer length per request: prompt + completion")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-queue", type=int, default=64, help="requests admitted at once; one more gets 429")
+    p.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' (or set {API_KEY_ENV})")
+    p.add_argument("--cache-dir", type=user_path, default=None)
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="backend option")
     sub.add_parser("passes", help="list registered passes")
     sub.add_parser("backends", help="list registered backends and their capabilities")
     return parser
@@ -259,6 +314,7 @@ COMMANDS = {
     "export": cmd_export,
     "optimize": cmd_optimize,
     "check": cmd_check,
+    "serve": cmd_serve,
     "passes": cmd_passes,
     "backends": cmd_backends,
 }

@@ -78,9 +78,13 @@ def default_pipeline(backend: Backend, options: CompileOptions, cache_dir: Path)
         pass  # not remembered yet (or unreadable): derive it
     specs = backend.pipeline(options)
     try:
+        text = json.dumps([{"name": s.name, "options": dict(s.options)} for s in specs])
+    except TypeError:
+        return specs  # an option that is an object (a target's own lowering): not remembered, derived each time
+    try:
         memo.parent.mkdir(parents=True, exist_ok=True)
         tmp = memo.with_name(f".{memo.name}.{os.getpid()}")
-        tmp.write_text(json.dumps([{"name": s.name, "options": dict(s.options)} for s in specs]))
+        tmp.write_text(text)
         os.replace(tmp, memo)
     except OSError:
         pass  # a read-only cache: derived again next time

@@ -129,3 +129,6 @@ def test_the_derived_pipeline_is_remembered_and_equals_the_backends(tmp_path, mo
         monkeypatch.setattr(type(backend), "pipeline", lambda self, o: pytest.fail("derived again"))
         assert default_pipeline(backend, options, tmp_path) == derived
         monkeypatch.undo()
+    ai100 = get_backend("ai100")  # its pipeline carries an object option (its own RMSNorm lowering): never stored
+    assert default_pipeline(ai100, CompileOptions(), tmp_path) == ai100.pipeline(CompileOptions())
+    assert not list((tmp_path / "pipelines").glob("ai100-*"))
