@@ -1,11 +1,12 @@
 """Qualcomm Cloud AI 100 backend: the compile bundle, the SDK's compiler where it exists, the SDK runtime to run it.
 
-``compile`` always writes the bundle (``ai100_bundle``): the retained-state graph with ``CustomRMSNorm`` and fp16-safe
-constants (the pipeline picks those lowerings from the capabilities below), ``specializations.json``,
-``custom_io.yaml``, an MDP partition file for several cards and ``compile.sh``, the exact ``qaic-exec`` command.
-Where the SDK's compiler is installed (its standard path, or the ``compiler`` option) the command is run and the
-bundle also holds the compiled program; where it is not, the bundle says how to finish on a machine with the card.
-``load`` runs the program through the SDK runtime (``ai100_session``), or explains what is missing.
+``compile`` always writes the bundle (``ai100_bundle``): the retained-state graph with ``CustomRMSNorm``
+(``ai100_rmsnorm``, offered to the pipeline as a lowering) and fp16-safe constants (the card computes in float16),
+``specializations.json``, ``custom_io.yaml``, an MDP partition file for several cards and ``compile.sh``, the exact
+``qaic-exec`` command. Where the SDK's compiler is installed (its standard path, or the ``compiler`` option) the
+command is run and the bundle also holds the compiled program; where it is not, the bundle says how to finish on a
+machine with the card. ``load`` runs the program through the SDK runtime (``ai100_session``), or explains what is
+missing.
 
 The core caches the bundle under a key of everything that shaped it: the source model, the passes, the options this
 backend uses, and ``version`` (the bundle format and which compiler, if any, this machine has).
@@ -13,15 +14,15 @@ backend uses, and ``version`` (the bundle format and which compiler, if any, thi
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import ClassVar
 
 import onnx_ir as ir
 
-from qgraph.backend_api import Capabilities, CompileOptions
+from qgraph.backend_api import Capabilities, CompileOptions, Kernel
 from qgraph.backends.ai100_bundle import (
     BUNDLE_FORMAT,
     BUNDLE_OPTIONS,
@@ -34,10 +35,13 @@ from qgraph.backends.ai100_bundle import (
     write_bundle,
     write_manifest,
 )
+from qgraph.backends.ai100_rmsnorm import CUSTOM_RMSNORM
 from qgraph.errors import BackendUnavailableError, QGraphError
 from qgraph.pass_manager import PassSpec
 from qgraph.pipelines import standard_pipeline
 from qgraph.progress import step
+
+log = logging.getLogger(__name__)
 
 # Where the SDK installs its compiler; newer SDKs ship qaic-compile beside or instead of qaic-exec.
 STANDARD_COMPILERS = (Path("/opt/qti-aic/exec/qaic-exec"), Path("/opt/qti-aic/exec/qaic-compile"))
@@ -92,13 +96,12 @@ class AI100Backend:
 
     name: ClassVar[str] = "ai100"
     # No "float32": the compiler converts the graph to fp16 (-convert-to-fp16), so the pipeline clips constants.
+    # CustomRMSNorm: on the float32 graph it is handed and on the float16 one it compiles it to.
     capabilities: ClassVar[Capabilities] = Capabilities(
-        static_shapes=True,
         retained_state=True,
-        rmsnorm_lowering="function",
         dtypes=frozenset({"float16", "mxfp6", "mxint8"}),
-        domains=frozenset({"", "com.qti.aisw.onnx"}),
-        custom_functions=frozenset({"CustomRMSNorm"}),
+        kernels=frozenset({Kernel(CUSTOM_RMSNORM.domain, CUSTOM_RMSNORM.op_type, frozenset({"float32", "float16"}))}),
+        static_shapes=True,
         continuous_batching=True,  # full_batch_size: the kv-batch-index pass and QEfficient's batch_index protocol
     )
     used_options: ClassVar[frozenset[str]] = BUNDLE_OPTIONS | {"num_cores", "compiler", "device_ids"}
@@ -108,7 +111,12 @@ class AI100Backend:
         return f"bundle-{BUNDLE_FORMAT};compiler={compiler_identity(find_compiler())}"
 
     def pipeline(self, options: CompileOptions) -> list[PassSpec]:
-        return standard_pipeline(self.capabilities, options)
+        """The standard pipeline, RMSNorm lowered to the card's own CustomRMSNorm (offered to ``rmsnorm-fuse``)."""
+        return standard_pipeline(self.capabilities, options, offered=[CUSTOM_RMSNORM])
+
+    def check_options(self, options: CompileOptions) -> None:
+        """Refuse bad ai100 options (flags, ``mos``, ``num_devices``, ``device_ids``) before any export."""
+        device_ids(options, BundleSettings.from_options(options))
 
     def compile(self, model: ir.Model, options: CompileOptions, artifact_dir: Path) -> None:
         settings = BundleSettings.from_options(options)
@@ -118,11 +126,11 @@ class AI100Backend:
         if compiler is not None:
             run_compiler(argv, artifact_dir)
         else:
-            print(
-                f"qgraph: note: no Cloud AI 100 compiler here ({STANDARD_COMPILERS[0]} not found; the ai100 option "
-                f"compiler=PATH names another): wrote the compile bundle only. To finish, run {SCRIPT_FILE} in it "
-                "on a machine with the card.",
-                file=sys.stderr,
+            log.warning(
+                "no Cloud AI 100 compiler here (%s not found; the ai100 option compiler=PATH names another): wrote "
+                "the compile bundle only. To finish, run %s in it on a machine with the card.",
+                STANDARD_COMPILERS[0],
+                SCRIPT_FILE,
             )
         write_manifest(artifact_dir, argv, settings, compiled=compiler is not None)
 

@@ -10,13 +10,12 @@ A bundle is a directory that compiles on any machine with the card, with nothing
 - ``compile.sh``: the exact ``qaic-exec`` command line, and ``bundle.json``, the same facts as data.
 
 Everything here is pure: options in, files and argv out. Running the compiler and the runtime is ``ai100.py``'s job.
-The conventions are those of ``shared/AI100.md`` (as QEfficient uses the SDK).
+The conventions (as QEfficient uses the SDK) are summarised in ``docs/design.md`` ("Backends").
 """
 
 from __future__ import annotations
 
 import json
-import re
 import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -25,7 +24,9 @@ from typing import Any
 
 import onnx_ir as ir
 
+from qgraph import contract
 from qgraph.backend_api import CompileOptions
+from qgraph.contract import BATCH_INDEX, INPUT_IDS, LOGITS, POSITION_IDS
 from qgraph.errors import QGraphError
 
 MODEL_FILE = "model.onnx"
@@ -38,9 +39,6 @@ QPC_DIR = "qpc"
 PROGRAM_FILE = "programqpc.bin"
 BUNDLE_FORMAT = 1
 
-BATCH_INDEX = "batch_index"  # the kv-batch-index pass's input (continuous batching)
-KV_INPUT = re.compile(r"^past_[A-Za-z0-9]+\.\d+$")
-RETAINED_SUFFIX = "_RetainedState"
 KV_PRECISIONS = {False: "float16", True: "mxint8"}  # keyed by mxint8_kv_cache
 
 # Options this module acts on (beside the core shapes and num_cores); the backend declares them as used.
@@ -135,28 +133,13 @@ class RetainedIO:
 
 def retained_io(graph: ir.Graph) -> RetainedIO:
     """Check the retained-state contract the bundle relies on; raise naming what is missing."""
-    inputs = [v.name or "" for v in graph.inputs]
-    outputs = [v.name or "" for v in graph.outputs]
-    problems = []
-    for name in ("input_ids", "position_ids"):
-        if name not in inputs:
-            problems.append(f"no input {name}")
-    if "logits" not in outputs:
-        problems.append("no output logits")
-    kv_inputs = [n for n in inputs if KV_INPUT.match(n)]
-    if not kv_inputs:
-        problems.append("no past_key.{i}/past_value.{i} inputs")
-    stray = [n for n in inputs if n not in {"input_ids", "position_ids", BATCH_INDEX} and n not in kv_inputs]
-    if stray:
-        problems.append(f"inputs the retained-state contract does not have: {', '.join(stray)}")
-    unpaired = [n for n in kv_inputs if n + RETAINED_SUFFIX not in outputs]
-    if unpaired:
-        problems.append(f"no {RETAINED_SUFFIX} output for {', '.join(unpaired)}")
+    problems = contract.retained_state_problems(graph, complete=True)
     if problems:
         raise QGraphError(
             "the ai100 bundle needs the retained-state graph (the kv-retained-state pass): " + "; ".join(problems)
         )
-    kv_outputs = [n for n in outputs if n.endswith(RETAINED_SUFFIX)]
+    kv_inputs = [p.input.name for p in contract.kv_pairs(graph)]
+    kv_outputs = [v.name for v in graph.outputs if contract.is_retained_output(v.name)]
     return RetainedIO(kv_inputs, kv_outputs)
 
 
@@ -168,7 +151,7 @@ def name_specialization_dims(graph: ir.Graph, ctx_len: int) -> None:
     everywhere in the graph (so intermediate shape annotations stay consistent); the KV length, fixed at ``ctx_len``
     by the KV pass, becomes the symbol ``ctx_len`` on the KV inputs and outputs.
     """
-    ids = next(v for v in graph.inputs if v.name == "input_ids")
+    ids = next(v for v in graph.inputs if v.name == INPUT_IDS)
     # continuous batching: the KV buffers hold full_batch_size slots, a run's batch_index names the ones it uses
     kv_batch = "full_batch_size" if any(v.name == BATCH_INDEX for v in graph.inputs) else "batch_size"
     if ids.shape is None or ids.shape.rank() != 2:
@@ -190,11 +173,11 @@ def name_specialization_dims(graph: ir.Graph, ctx_len: int) -> None:
             if isinstance(dim, ir.SymbolicDim) and dim.value in renames:
                 dims[i], changed = ir.SymbolicDim(renames[dim.value]), True
         name = value.name or ""
-        if value in io and (KV_INPUT.match(name) or name.endswith(RETAINED_SUFFIX)):
+        if value in io and (contract.is_retained_input(name) or contract.is_retained_output(name)):
             if len(dims) != 4 or dims[2] not in (ctx_len, "ctx_len"):
                 raise QGraphError(f"{name} has shape {value.shape}; expected [batch, heads, {ctx_len}, head_dim]")
             dims[0], dims[2], changed = ir.SymbolicDim(kv_batch), ir.SymbolicDim("ctx_len"), True
-        elif value in io and name in ("input_ids", "position_ids", "logits"):
+        elif value in io and name in (INPUT_IDS, POSITION_IDS, LOGITS):
             dims[0], dims[1], changed = ir.SymbolicDim("batch_size"), ir.SymbolicDim("seq_len"), True
         elif value in io and name == BATCH_INDEX:
             dims, changed = [ir.SymbolicDim("batch_size"), 1], True

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from qgraph.contract import BATCH_INDEX, INPUT_IDS, LOGITS, POSITION_IDS, retained_buffers
 from qgraph.errors import QGraphError
 
 SDK_PYTHON_PATHS = (f"/opt/qti-aic/dev/lib/{platform.machine()}", "/opt/qti-aic/dev/python")
@@ -95,12 +96,12 @@ class QAICDecoderSession:
         self.index = {b.name: b.index for b in self.bindings}
         self.dtype = {b.name: dtypes[b.type] for b in self.bindings}
         self.outputs = {b.name for b in self.bindings if b.dir == aicapi.BUFFER_IO_TYPE_OUTPUT}
-        logits_dims = list(self.bindings[self.index["logits"]].dims)
+        logits_dims = list(self.bindings[self.index[LOGITS]].dims)
         self.vocab_size = int(logits_dims[-1])
         # [b, 1, V] in the program: the graph keeps only each row's last valid token (last-token-logits)
         self.last_token_logits = len(logits_dims) == 3 and int(logits_dims[1]) == 1
-        self.kv_names = [b.name for b in self.bindings if b.name.startswith("past_")]
-        self.continuous_batching = "batch_index" in self.index  # compiled with full_batch_size (kv-batch-index)
+        self.kv_names = retained_buffers(b.name for b in self.bindings)
+        self.continuous_batching = BATCH_INDEX in self.index  # compiled with full_batch_size (kv-batch-index)
         self.full_batch_size = full_batch_size
         self.buffers = [qaicrt.QBuffer(bytes(b.size)) for b in self.bindings]
         self.dims = qaicrt.BufferDimensionsVecRef([(dtypes[b.type].itemsize, list(b.dims)) for b in self.bindings])
@@ -123,23 +124,23 @@ class QAICDecoderSession:
     def run(self, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
         """Every row; on a continuous-batching program row ``i`` is KV slot ``i`` (``batch_index`` = 0..b-1)."""
         if self.continuous_batching:
-            self._bind("batch_index", np.arange(input_ids.shape[0], dtype=self.dtype["batch_index"])[:, None])
+            self._bind(BATCH_INDEX, np.arange(input_ids.shape[0], dtype=self.dtype[BATCH_INDEX])[:, None])
         return self._execute(input_ids, position_ids)
 
     def run_row(self, row: int, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
         """A batch-1 run into KV slot ``row`` (a continuous-batching program's prefill), the other slots untouched."""
         if not self.continuous_batching:
             raise QGraphError("this program was compiled without full_batch_size: it has no batch_index input")
-        self._bind("batch_index", np.array([[row]], dtype=self.dtype["batch_index"]))
+        self._bind(BATCH_INDEX, np.array([[row]], dtype=self.dtype[BATCH_INDEX]))
         return self._execute(input_ids, position_ids)
 
     def _execute(self, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
         ok = self._rt.QStatus.QS_SUCCESS
         batch, seq = input_ids.shape
         rows = 1 if self.last_token_logits else seq
-        self._bind("input_ids", np.ascontiguousarray(input_ids, dtype=self.dtype["input_ids"]))
-        self._bind("position_ids", np.ascontiguousarray(position_ids, dtype=self.dtype["position_ids"]))
-        self._bind("logits", np.zeros((batch, rows, self.vocab_size), dtype=self.dtype["logits"]))
+        self._bind(INPUT_IDS, np.ascontiguousarray(input_ids, dtype=self.dtype[INPUT_IDS]))
+        self._bind(POSITION_IDS, np.ascontiguousarray(position_ids, dtype=self.dtype[POSITION_IDS]))
+        self._bind(LOGITS, np.zeros((batch, rows, self.vocab_size), dtype=self.dtype[LOGITS]))
         start = time.perf_counter()
         if self.exec_obj.setData(self.buffers, self.dims) != ok:
             raise QGraphError("Cloud AI 100 runtime rejected the buffers (setData)")
@@ -154,5 +155,5 @@ class QAICDecoderSession:
         self.device_seconds += time.perf_counter() - start
         if status != ok:
             raise QGraphError("Cloud AI 100 runtime could not return the outputs (getData)")
-        logits = np.frombuffer(bytes(out[self.index["logits"]]), dtype=self.dtype["logits"])
+        logits = np.frombuffer(bytes(out[self.index[LOGITS]]), dtype=self.dtype[LOGITS])
         return logits.reshape(batch, rows, self.vocab_size).astype(np.float32, copy=False)

@@ -12,21 +12,26 @@ position arrays.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-import onnx_ir as ir
 
-from qgraph.backend_api import Capabilities, CompileOptions
+from qgraph import contract
+from qgraph.backend_api import Capabilities, CompileOptions, Kernel
 from qgraph.backends.ort_options import check_options, check_session_options
 from qgraph.backends.ort_options import providers as requested_providers
 from qgraph.backends.ort_options import session_options as _session_options
+from qgraph.domains import MS_DOMAIN
 from qgraph.errors import QGraphError
-from qgraph.pass_manager import PassSpec
+from qgraph.pipeline_spec import PassSpec
 from qgraph.pipelines import standard_pipeline
+
+if TYPE_CHECKING:
+    import onnx_ir as ir
 
 MODEL_FILE = "model.onnx"
 SETTINGS_FILE = "ort_settings.json"
@@ -35,14 +40,21 @@ SETTINGS_FILE = "ort_settings.json"
 class OrtDecoderSession:
     """``DecoderSession`` over an ORT ``InferenceSession`` with IOBinding for the retained state."""
 
-    def __init__(self, model_path: Path, settings: dict[str, Any], providers: list[str], prefill_seq_len: int):
+    def __init__(
+        self,
+        model_path: Path,
+        settings: dict[str, Any],
+        providers: list[str],
+        prefill_seq_len: int,
+        facts: dict[str, bool] | None = None,
+    ):
         import onnxruntime as ort
 
         self._ort = ort
         self.session = ort.InferenceSession(str(model_path), _session_options(settings), providers=providers)
         self.prefill_seq_len = prefill_seq_len
         inputs = {i.name: i for i in self.session.get_inputs()}
-        self.state_names = [n for n in inputs if n.startswith("past_")]
+        self.state_names = contract.retained_inputs(inputs)
         self.state_shapes = {n: inputs[n].shape for n in self.state_names}
         self.state_dtypes = {n: _numpy_dtype(inputs[n].type) for n in self.state_names}
         self.ctx_len = int(self.state_shapes[self.state_names[0]][2])
@@ -52,10 +64,10 @@ class OrtDecoderSession:
         self.vocab_size = logits.shape[-1] if isinstance(logits.shape[-1], int) else None
         self.logits_dtype = _numpy_dtype(logits.type)
         self._logits_buffers: dict[tuple[int, int], tuple[np.ndarray, Any]] = {}
-        graph = _graph_structure(model_path)
-        self.in_place = _state_updated_in_place(graph, self.state_names)
+        facts = facts or graph_facts(model_path)  # recorded at compile: reading the graph again costs memory
+        self.in_place = facts["in_place"]
         # ORT's CPU GroupQueryAttention takes a later prompt chunk (past context, s > 1) for one row at a time
-        self.rows_one_by_one = any(n.op_type == "GroupQueryAttention" for n in graph.node)
+        self.rows_one_by_one = facts["rows_one_by_one"]
         self.device_seconds = 0.0
         # numpy arrays behind the bound OrtValues (CPU OrtValues made from numpy share its memory)
         self._arrays: list[np.ndarray] = []
@@ -93,7 +105,7 @@ class OrtDecoderSession:
         binding.bind_output(self.logits_name, "cpu")  # first: get_outputs()[0] is the logits from now on
         for name, (cur, nxt) in zip(self.state_names, state, strict=True):
             binding.bind_ortvalue_input(name, cur)
-            binding.bind_ortvalue_output(f"{name}_RetainedState", nxt)
+            binding.bind_ortvalue_output(contract.retained_output_name(name), nxt)
         return binding
 
     def run(self, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
@@ -118,8 +130,8 @@ class OrtDecoderSession:
         return logits
 
     def _run(self, binding, ids: np.ndarray, pos: np.ndarray) -> np.ndarray:
-        binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
-        binding.bind_cpu_input("position_ids", np.ascontiguousarray(pos, dtype=np.int64))
+        binding.bind_cpu_input(contract.INPUT_IDS, np.ascontiguousarray(ids, dtype=np.int64))
+        binding.bind_cpu_input(contract.POSITION_IDS, np.ascontiguousarray(pos, dtype=np.int64))
         buffer = self._logits_buffer(*ids.shape)
         if buffer is None:
             binding.bind_output(self.logits_name, "cpu")  # rebinding keeps its slot; last run's buffer is not reused
@@ -191,10 +203,17 @@ def _without_trailing_padding(ids: np.ndarray, pos: np.ndarray) -> tuple[np.ndar
     return ids[:, :width], pos[:, :width]
 
 
-def _graph_structure(model_path: Path):
+def graph_facts(model_path: Path) -> dict[str, bool]:
+    """What the session needs to know of the graph's structure (read without its weights): whether each KV buffer
+    may be updated in place, and whether later prompt chunks must run row by row (ORT's CPU GroupQueryAttention)."""
     import onnx
 
-    return onnx.load(str(model_path), load_external_data=False).graph
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    state_names = [i.name for i in graph.input if i.name.startswith("past_")]
+    return {
+        "in_place": _state_updated_in_place(graph, state_names),
+        "rows_one_by_one": any(n.op_type == "GroupQueryAttention" for n in graph.node),
+    }
 
 
 def _providers(options: CompileOptions) -> list[str]:
@@ -203,23 +222,37 @@ def _providers(options: CompileOptions) -> list[str]:
     return requested_providers(options)
 
 
+FLOATS = frozenset({"float32", "float16"})
 # Activation types ONNX Runtime 1.32 registers com.microsoft.GroupQueryAttention kernels for, per provider
 # (CUDA: float16 / bfloat16 only, contrib_ops/cuda/bert/group_query_attention.cc).
 _GQA_KERNEL_TYPES = {
-    "CPUExecutionProvider": frozenset({"float32", "float16"}),
+    "CPUExecutionProvider": FLOATS,
     "CUDAExecutionProvider": frozenset({"float16"}),
 }
+# ONNX Runtime's kernels beyond standard ONNX that qgraph's passes write. A provider without one of these runs it on
+# the CPU's kernel; only GroupQueryAttention is declared per provider, because placed on the CPU under a device
+# provider it copies every layer's activations and KV to and from the device.
+_CPU_KERNELS = frozenset(
+    {
+        Kernel("", "SimplifiedLayerNormalization", FLOATS),
+        Kernel(MS_DOMAIN, "FastGelu", FLOATS),
+        Kernel(MS_DOMAIN, "Gelu", FLOATS),
+        Kernel(MS_DOMAIN, "SkipLayerNormalization", FLOATS),
+        Kernel(MS_DOMAIN, "SkipSimplifiedLayerNormalization", FLOATS),
+        Kernel(MS_DOMAIN, "RotaryEmbedding", FLOATS),
+        Kernel(MS_DOMAIN, "MatMulNBits", FLOATS),
+        Kernel(MS_DOMAIN, "GatherBlockQuantized", FLOATS),
+    }
+)
 
-# (op_type, domain) -> {index of a past_* input: index of the output it updates}
-_STATE_UPDATES = {
-    ("ScatterElements", ""): {0: 0},
-    ("ScatterND", ""): {0: 0},
-    ("GroupQueryAttention", "com.microsoft"): {3: 1, 4: 2},
-}
+
+def kernels(provider: str) -> frozenset[Kernel]:
+    """What ONNX Runtime executes with ``provider`` first in the providers list."""
+    return _CPU_KERNELS | {Kernel(MS_DOMAIN, "GroupQueryAttention", _GQA_KERNEL_TYPES.get(provider, frozenset()))}
 
 
 def _state_updated_in_place(graph, state_names: list[str]) -> bool:
-    """True when each ``past_*`` input is read (beyond Shape) only by the node producing its ``_RetainedState``, as
+    """True when each retained-state input is read (beyond Shape) only by the node producing its ``_RetainedState``, as
     the buffer that node updates (a scatter's data, GroupQueryAttention's past key/value).
 
     Then input and output may share one buffer: the node reads nothing of the old buffer that it does not keep.
@@ -238,8 +271,8 @@ def _state_updated_in_place(graph, state_names: list[str]) -> bool:
         if len(uses) != 1:
             return False
         node, index = uses[0]
-        target = f"{name}_RetainedState"
-        updates = _STATE_UPDATES.get((node.op_type, "" if node.domain == "ai.onnx" else node.domain), {})
+        target = contract.retained_output_name(name)
+        updates = contract.STATE_UPDATES.get((node.op_type, "" if node.domain == "ai.onnx" else node.domain), {})
         if index not in updates or node.output[updates[index]] != target or target not in outputs:
             return False
     return True
@@ -254,12 +287,10 @@ class OrtBackend:
 
     name: ClassVar[str] = "ort"
     capabilities: ClassVar[Capabilities] = Capabilities(
-        static_shapes=False,
         retained_state=True,
-        rmsnorm_lowering="ort-fused",
         dtypes=frozenset({"float32", "float16", "int8", "int4"}),
-        domains=frozenset({"", "com.microsoft"}),
-        graph_speedups=True,
+        kernels=kernels("CPUExecutionProvider"),
+        runs_node_by_node=True,
         continuous_batching=True,
     )
     used_options: ClassVar[frozenset[str]] = frozenset({"session_options", "providers"})
@@ -271,15 +302,9 @@ class OrtBackend:
         return ort.__version__
 
     def pipeline(self, options: CompileOptions) -> list[PassSpec]:
-        """The standard pipeline, without ``group-query-attention`` where the provider that would run it has no
-        GroupQueryAttention kernel for the graph's activation type (ORT would place the node on the CPU, with copies
-        to and from the device around every layer)."""
-        specs = standard_pipeline(self.capabilities, options)
+        """The standard pipeline for what ORT executes with the first provider asked for (``kernels``)."""
         provider = _providers(options)[0]
-        activations = "float16" if options.precision == "float16" else "float32"
-        if activations not in _GQA_KERNEL_TYPES.get(provider, frozenset()):
-            specs = [s for s in specs if s.name != "group-query-attention"]
-        return specs
+        return standard_pipeline(dataclasses.replace(self.capabilities, kernels=kernels(provider)), options)
 
     def check_options(self, options: CompileOptions) -> None:
         """Refuse bad ``providers`` or ``session_options`` before any export (the core calls this first)."""
@@ -288,13 +313,20 @@ class OrtBackend:
     def compile(self, model: ir.Model, options: CompileOptions, artifact_dir: Path) -> None:
         settings = check_session_options(options.extra.get("session_options") or {})
         providers = _providers(options)
+        import onnx_ir as ir
+
         ir.save(model, artifact_dir / MODEL_FILE, external_data=MODEL_FILE + ".data")
+        facts = graph_facts(artifact_dir / MODEL_FILE)
         (artifact_dir / SETTINGS_FILE).write_text(
-            json.dumps({"session_options": settings, "providers": providers}, indent=2)
+            json.dumps({"session_options": settings, "providers": providers, "graph": facts}, indent=2)
         )
 
     def load(self, artifact_dir: Path, options: CompileOptions) -> OrtDecoderSession:
         saved = json.loads((artifact_dir / SETTINGS_FILE).read_text())
         return OrtDecoderSession(
-            artifact_dir / MODEL_FILE, saved["session_options"], saved["providers"], options.prefill_seq_len
+            artifact_dir / MODEL_FILE,
+            saved["session_options"],
+            saved["providers"],
+            options.prefill_seq_len,
+            saved.get("graph"),
         )

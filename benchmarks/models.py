@@ -71,6 +71,59 @@ def smollm2_gguf(cache_dir: Path = DEFAULT_CACHE_DIR) -> Path:
     return fetch_gguf(cache_dir)
 
 
+LLAMA_1B_SEED = 0
+# Llama-3.2-1B's published config.json (hub: meta-llama/Llama-3.2-1B), which ships bfloat16 safetensors.
+LLAMA_1B_CONFIG = dict(
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=64,
+    vocab_size=128256,
+    max_position_embeddings=131072,
+    rms_norm_eps=1e-5,
+    rope_theta=500000.0,
+    rope_scaling={
+        "rope_type": "llama3",
+        "factor": 32.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
+    tie_word_embeddings=True,
+    bos_token_id=128000,
+    eos_token_id=128001,
+    hidden_act="silu",
+)
+
+
+def llama_1b_dir(cache_dir: Path = DEFAULT_CACHE_DIR) -> Path:
+    """A Llama-3.2-1B-shaped model (1.24B parameters) with seeded random weights, saved as the hub ships it:
+    bfloat16 safetensors. Real Llama weights are not obtainable here; size and dtype are what this exercises."""
+    out = bench_dir(cache_dir) / f"llama-3.2-1b-shaped-bf16-seed{LLAMA_1B_SEED}"
+    if is_complete(out):
+        return out
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with publish(out) as tmp:
+        torch.manual_seed(LLAMA_1B_SEED)
+        config = LlamaConfig(**LLAMA_1B_CONFIG)
+        with torch.device("meta"):
+            model = LlamaForCausalLM(config)
+        model = model.to_empty(device="cpu").to(torch.bfloat16)
+        model.tie_weights()  # to_empty gives the tied LM head a storage of its own
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    param.fill_(1.0)
+                else:
+                    param.normal_(0.0, config.initializer_range)
+        model.eval().save_pretrained(tmp)
+    return out
+
+
 MODELS = {"gpt2": gpt2_dir, "smollm2": smollm2_dir}
 
 

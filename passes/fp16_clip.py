@@ -1,8 +1,8 @@
 """fp16 clipping: float32 constants fit float16, and "minus infinity" masks stay masks without producing NaN.
 
-Why: a graph that runs in float16 (ours after ``fp16-convert``, or Cloud AI 100's compiler with ``-convert-to-fp16``)
-turns every float32 constant beyond +-65504 into +-inf. Decoders are full of such constants: the additive attention
-mask uses float32's minimum (-3.4e38) or -1e9 / -inf for "hidden".
+Why: a graph that runs in float16 (ours after ``fp16-convert``, or a target compiler that converts a float32 graph to
+float16 itself) turns every float32 constant beyond +-65504 into +-inf. Decoders are full of such constants: the
+additive attention mask uses float32's minimum (-3.4e38) or -1e9 / -inf for "hidden".
 
 Two steps:
 
@@ -27,9 +27,9 @@ import logging
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import common
-from onnxscript.rewriter import _ir_utils
 from onnxscript.rewriter import pattern as rw
 
+from qgraph.onnxscript_compat import get_numpy_value
 from qgraph.pass_manager import CountedResult, GraphPass
 from qgraph.verify import rule_misses
 
@@ -39,7 +39,7 @@ FP16_MAX = float(np.finfo(np.float16).max)  # 65504
 
 
 def _means_minus_infinity(value: ir.Value | None) -> bool:
-    array = _ir_utils.get_numpy_value(value) if value is not None else None
+    array = get_numpy_value(value) if value is not None else None
     return array is not None and array.size > 0 and bool(np.all(np.asarray(array, np.float64) <= -FP16_MAX))
 
 
@@ -75,11 +75,11 @@ class AdditiveMaskToSelect(rw.RewriteRuleClassBase):
     def rewrite(self, op, scores, mask, **_):
         condition, on_true, on_false = mask.producer().inputs
         hidden, shown = (on_true, on_false) if self._hidden_on_true else (on_false, on_true)
-        shown_value = _ir_utils.get_numpy_value(shown)
+        shown_value = get_numpy_value(shown)
         if shown_value is None or np.any(shown_value != 0):
             scores = op.Add(scores, shown)
             scores.dtype = mask.dtype
-        hidden_array = np.maximum(np.asarray(_ir_utils.get_numpy_value(hidden)), -FP16_MAX).astype(hidden.dtype.numpy())
+        hidden_array = np.maximum(np.asarray(get_numpy_value(hidden)), -FP16_MAX).astype(hidden.dtype.numpy())
         hidden = op.Constant(value=ir.tensor(hidden_array))
         if self._hidden_on_true:
             return op.Where(condition, hidden, scores)

@@ -29,6 +29,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import PreconditionError
 
+from qgraph.contract import LOGITS
 from qgraph.pass_manager import CountedResult, GraphPass
 
 F32, F16 = ir.DataType.FLOAT, ir.DataType.FLOAT16
@@ -123,7 +124,7 @@ class FP16Convert(GraphPass):
     name = "fp16-convert"
     summary = "weights/activations to float16; norm pieces and position math stay float32; logits float32"
 
-    def __init__(self, float32_io: Sequence[str] = ("logits",), block_ops: Sequence[str] = DEFAULT_BLOCK_OPS):
+    def __init__(self, float32_io: Sequence[str] = (LOGITS,), block_ops: Sequence[str] = DEFAULT_BLOCK_OPS):
         self.float32_io = frozenset(float32_io)
         self.block_ops = frozenset(block_ops)
 

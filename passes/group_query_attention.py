@@ -44,10 +44,22 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from qgraph.graph_utils import const, const_ints, derived_name, input_by_name, prepend, producer_op
+from qgraph.contract import INPUT_IDS, POSITION_IDS
+from qgraph.graph_utils import (
+    MS_DOMAIN,
+    const,
+    const_ints,
+    derived_name,
+    input_by_name,
+    prepend,
+    producer_op,
+    scalar,
+    static_dim,
+)
+from qgraph.matching import NoMatch, refuse, require
 from qgraph.pass_manager import CountedResult, GraphPass
+from qgraph.retained_forms import match_additive_position_mask, match_kv_scatter
 
-MS_DOMAIN = "com.microsoft"
 TO_KEYS_T = [0, 1, 3, 2]
 HEADS_LAYOUT = [0, 2, 1, 3]
 
@@ -57,13 +69,6 @@ def _only_use(value: ir.Value, op_type: str) -> tuple[ir.Node, int] | None:
     if len(uses) != 1 or value.is_graph_output() or uses[0].node.op_type != op_type:
         return None
     return uses[0].node, uses[0].idx
-
-
-def _scalar(value: ir.Value | None) -> float | None:
-    tensor = ir.convenience.get_const_tensor(value) if value is not None else None
-    if tensor is None or tensor.size != 1:
-        return None
-    return float(np.asarray(tensor.numpy()).reshape(-1)[0])
 
 
 def _perm(node: ir.Node | None) -> list[int] | None:
@@ -78,10 +83,8 @@ def _heads_reshape(x: ir.Value) -> ir.Node | None:
     return producer_op(transpose.inputs[0], "Reshape")
 
 
-def _static(shape: ir.Shape | None, index: int) -> int | None:
-    if shape is None or shape.rank() != 4 or not isinstance(shape[index], int):
-        return None
-    return shape[index]
+def _heads(value: ir.Value, axis: int) -> int | None:
+    return static_dim(value.shape, axis, rank=4)
 
 
 @dataclass
@@ -104,24 +107,10 @@ class GroupQueryAttentionFusion(GraphPass):
     """Retained-state attention (scatter, scores, mask, softmax, probs@V) -> ``com.microsoft.GroupQueryAttention``."""
 
     name = "group-query-attention"
+    emits = frozenset({(MS_DOMAIN, "GroupQueryAttention")})
     summary = "retained-state attention (K/V scatter, scores, causal mask, softmax, probs@V) -> com.microsoft GQA"
 
-    # --- matching -------------------------------------------------------------------------------------------------
-    @staticmethod
-    def _retained(present: ir.Value) -> tuple[ir.Node, ir.Value] | None:
-        """(scatter, new K or V) when ``present`` is a retained-state buffer written by ScatterElements on axis 2."""
-        scatter = producer_op(present, "ScatterElements")
-        if scatter is None or scatter.attributes.get_int("axis", 0) not in (2, -2):
-            return None
-        past = scatter.inputs[0]
-        if past is None or not past.is_graph_input() or not present.is_graph_output():
-            return None
-        new = scatter.inputs[2]
-        zeroing = producer_op(new, "Where")
-        if zeroing is not None and _scalar(zeroing.inputs[2]) == 0.0:
-            new = zeroing.inputs[1]
-        return scatter, new
-
+    # --- matching: each step returns what it found or refuses with the reason (``NoMatch``) ------------------------
     @staticmethod
     def _unrepeated(value: ir.Value) -> ir.Value:
         """``x`` for eager GQA's head repeat ``Reshape(Expand(Unsqueeze(x, 2)))``, else ``value``."""
@@ -131,103 +120,88 @@ class GroupQueryAttentionFusion(GraphPass):
         return unsqueeze.inputs[0] if unsqueeze is not None and const_ints(unsqueeze.inputs[1]) == [2] else value
 
     @staticmethod
-    def _causal_window(mask: ir.Value, position_ids: ir.Value) -> int | None:
-        """GQA's ``local_window_size`` for the retained-state pass's additive causal mask, else None.
-
-        ``Where(LessOrEqual(slots, q), 0, min)`` -> -1 (no window); with a sliding window ``w``,
-        ``Where(And(LessOrEqual(slots, q), Greater(slots, Sub(q, w))), 0, min)`` -> ``w``: ONNX Runtime 1.32's CPU
-        kernel lets a query see ``w`` keys, its own included (checked against the mask in the pass's tests).
-        ``q`` is ``Unsqueeze(position_ids)``.
-        """
-        where = producer_op(mask, "Where")
-        if where is None or _scalar(where.inputs[1]) != 0.0:
-            return None
-        blocked = _scalar(where.inputs[2])
-        if blocked is None or blocked > -1e4:
-            return None
-        window = -1
-        visible = producer_op(where.inputs[0], "LessOrEqual")
-        both = producer_op(where.inputs[0], "And")
-        if both is not None:
-            visible, inside = producer_op(both.inputs[0], "LessOrEqual"), producer_op(both.inputs[1], "Greater")
-            oldest = producer_op(inside.inputs[1], "Sub") if inside is not None else None
-            width = _scalar(oldest.inputs[1]) if oldest is not None else None
-            if visible is None or width is None or width < 1 or inside.inputs[0] is not visible.inputs[0]:
-                return None
-            if oldest.inputs[0] is not visible.inputs[1]:
-                return None
-            window = int(width)
-        if visible is None or const_ints(visible.inputs[0]) is None:
-            return None
-        query = producer_op(visible.inputs[1], "Unsqueeze")
-        return window if query is not None and query.inputs[0] is position_ids else None
+    def _mask_and_scores(add: ir.Node, position_ids: ir.Value) -> tuple[ir.Value, int]:
+        """(scores, GQA's ``local_window_size``) when one operand of ``add`` is the retained-state causal mask."""
+        reasons = []
+        for scores, mask in (add.inputs, add.inputs[::-1]):
+            try:
+                return scores, match_additive_position_mask(mask, position_ids)
+            except NoMatch as exc:
+                reasons.append(str(exc))
+        refuse(f"neither operand of the score Add is the retained-state causal mask ({reasons[0]}; {reasons[1]})")
 
     @staticmethod
-    def _grouped(node: ir.Node | None, a_index: int) -> tuple[ir.Node, ir.Value] | None:
+    def _scaled(scores: ir.Value) -> tuple[ir.Value, float]:
+        """(unscaled scores, scale) for ``Mul|Div(scores, c)``, else (scores, 1)."""
+        scaling = scores.producer()
+        if scaling is None or scaling.op_type not in ("Mul", "Div"):
+            return scores, 1.0
+        factor = scalar(scaling.inputs[1])
+        require(factor is not None, f"the scores are scaled by {scaling.op_type} with a non-constant factor")
+        require(factor != 0.0, "the scores are scaled by a zero constant")
+        return scaling.inputs[0], factor if scaling.op_type == "Mul" else 1.0 / factor
+
+    @staticmethod
+    def _grouped(node: ir.Node | None) -> tuple[ir.Node, ir.Value]:
         """(MatMul, its A before grouping) for ``MatMul(A, B)`` or ``Reshape(MatMul(Reshape(A), B))``."""
-        if node is None:
-            return None
+        what = "the unscaled scores are not computed by a MatMul (or a grouped Reshape(MatMul(Reshape)))"
+        node = require(node, what)
         if node.op_type == "MatMul":
             return node, node.inputs[0]
-        if node.op_type != "Reshape":
-            return None
-        matmul = producer_op(node.inputs[0], "MatMul") if a_index == 0 else None
-        if matmul is None:
-            return None
-        rows = producer_op(matmul.inputs[0], "Reshape")
-        return (matmul, rows.inputs[0]) if rows is not None else None
+        require(node.op_type == "Reshape", f"{what}: {node.op_type}")
+        matmul = require(producer_op(node.inputs[0], "MatMul"), f"{what}: a Reshape of {node.inputs[0].name}")
+        rows = require(producer_op(matmul.inputs[0], "Reshape"), "the grouped score MatMul's query is not reshaped")
+        return matmul, rows.inputs[0]
 
-    def _match(self, softmax: ir.Node, position_ids: ir.Value) -> _Attention | None:
-        add = producer_op(softmax.inputs[0], "Add")
-        if add is None or len(list(softmax.outputs[0].uses())) != 1:
-            return None
-        scores, mask = add.inputs
-        window = self._causal_window(mask, position_ids)
-        if window is None:
-            scores, mask = mask, scores
-            window = self._causal_window(mask, position_ids)
-            if window is None:
-                return None
-        scale = 1.0
-        scaling = scores.producer()
-        if scaling is not None and scaling.op_type in ("Mul", "Div"):
-            factor = _scalar(scaling.inputs[1])
-            if factor is None or factor == 0.0:
-                return None
-            scale = factor if scaling.op_type == "Mul" else 1.0 / factor
-            scores = scaling.inputs[0]
-        found = self._grouped(scores.producer(), 0)
-        if found is None:
-            return None
-        score_matmul, query = found
-        keys_t = producer_op(score_matmul.inputs[1], "Transpose")
-        if keys_t is None or _perm(keys_t) != TO_KEYS_T:
-            return None
-        keys = self._retained(self._unrepeated(keys_t.inputs[0]))
-        # probs @ V, grouped or not, then the transpose back to [b, s, heads, d]
+    @staticmethod
+    def _probs_times_values(softmax: ir.Node) -> tuple[ir.Node, ir.Value]:
+        """(probs @ V MatMul, its result before grouping) for the only use of the Softmax."""
         use = list(softmax.outputs[0].uses())[0]
         if use.node.op_type == "MatMul" and use.idx == 0:
-            probs_matmul, out = use.node, use.node.outputs[0]
-        else:
-            rows = _only_use(softmax.outputs[0], "Reshape")
-            probs_matmul_use = _only_use(rows[0].outputs[0], "MatMul") if rows else None
-            back = _only_use(probs_matmul_use[0].outputs[0], "Reshape") if probs_matmul_use else None
-            if back is None or probs_matmul_use[1] != 0:
-                return None
-            probs_matmul, out = probs_matmul_use[0], back[0].outputs[0]
-        values = self._retained(self._unrepeated(probs_matmul.inputs[1]))
+            return use.node, use.node.outputs[0]
+        rows = require(_only_use(softmax.outputs[0], "Reshape"), "the Softmax is not read by a MatMul as probs @ V")
+        matmul = require(_only_use(rows[0].outputs[0], "MatMul"), "the grouped probs are not read by a MatMul")
+        require(matmul[1] == 0, "the grouped probs are the MatMul's second operand, not probs @ V")
+        back = require(_only_use(matmul[0].outputs[0], "Reshape"), "the grouped probs @ V is not reshaped back")
+        return matmul[0], back[0].outputs[0]
+
+    def _match(self, softmax: ir.Node, position_ids: ir.Value) -> _Attention:
+        """The attention ending in ``softmax``, or ``NoMatch`` saying which part is not GQA's form."""
+        add = require(producer_op(softmax.inputs[0], "Add"), "the Softmax does not read scores + mask (an Add)")
+        require(len(list(softmax.outputs[0].uses())) == 1, "the Softmax's probabilities have more than one reader")
+        scores, window = self._mask_and_scores(add, position_ids)
+        scores, scale = self._scaled(scores)
+        score_matmul, query = self._grouped(scores.producer())
+        keys_t = producer_op(score_matmul.inputs[1], "Transpose")
+        require(keys_t is not None and _perm(keys_t) == TO_KEYS_T, "the scores' keys are not Transpose(K, [0,1,3,2])")
+        try:
+            keys = match_kv_scatter(self._unrepeated(keys_t.inputs[0]))
+        except NoMatch as exc:
+            refuse(f"the keys are not the retained-state buffer: {exc}")
+        probs_matmul, out = self._probs_times_values(softmax)
+        try:
+            values = match_kv_scatter(self._unrepeated(probs_matmul.inputs[1]))
+        except NoMatch as exc:
+            refuse(f"the values are not the retained-state buffer: {exc}")
         transpose = _only_use(out, "Transpose")
-        if keys is None or values is None or transpose is None or _perm(transpose[0]) != HEADS_LAYOUT:
-            return None
-        heads, head_dim = _static(query.shape, 1), _static(query.shape, 3)
-        kv_heads = _static(keys[1].shape, 1)
-        if not heads or not head_dim or not kv_heads or heads % kv_heads:
-            return None
+        require(
+            transpose is not None and _perm(transpose[0]) == HEADS_LAYOUT,
+            "probs @ V is not transposed back to [b, s, heads, d] (Transpose [0,2,1,3]) by its only reader",
+        )
+        heads, head_dim, kv_heads = _heads(query, 1), _heads(query, 3), _heads(keys.new, 1)
+        require(heads and head_dim, f"the query's heads or head size are not static (shape {query.shape})")
+        require(kv_heads, f"the new keys' head count is not static (shape {keys.new.shape})")
+        require(heads % kv_heads == 0, f"{heads} query heads are not a multiple of {kv_heads} KV heads")
         # GQA has one head size and one KV head count for K and V alike
-        same = (_static(keys[1].shape, 3), _static(values[1].shape, 1), _static(values[1].shape, 3))
-        if same != (head_dim, kv_heads, head_dim):
-            return None
-        return _Attention(query, keys[1], values[1], keys[0], values[0], transpose[0], scale, heads, kv_heads, window)
+        same = (_heads(keys.new, 3), _heads(values.new, 1), _heads(values.new, 3))
+        require(
+            same == (head_dim, kv_heads, head_dim),
+            f"K and V differ in head count or head size from the query's (keys {keys.new.shape}, values "
+            f"{values.new.shape}, query {query.shape})",
+        )
+        return _Attention(
+            query, keys.new, values.new, keys.node, values.node, transpose[0], scale, heads, kv_heads, window
+        )
 
     # --- rewriting ------------------------------------------------------------------------------------------------
     @staticmethod
@@ -318,14 +292,22 @@ class GroupQueryAttentionFusion(GraphPass):
 
     def call(self, model: ir.Model) -> CountedResult:
         graph = model.graph
-        position_ids, input_ids = input_by_name(graph, "position_ids"), input_by_name(graph, "input_ids")
+        position_ids, input_ids = input_by_name(graph, POSITION_IDS), input_by_name(graph, INPUT_IDS)
         if position_ids is None or input_ids is None:
-            return self.result(model, fused=0)
-        softmaxes = [n for n in graph if n.op_type == "Softmax"]
-        matches = [m for m in (self._match(n, position_ids) for n in softmaxes) if m]
-        unfused = len(softmaxes) - len(matches)  # outside the matched form: a window, softcap, bias, a MoE router
-        if not matches:
-            return self.result(model, fused=0, softmax_left_unfused=unfused)
+            result = self.result(model, fused=0)
+            result.misses = [f"the graph has no {POSITION_IDS} or {INPUT_IDS} input: not a retained-state graph"]
+            return result
+        matches, misses = [], []
+        for softmax in (n for n in graph if n.op_type == "Softmax"):
+            try:
+                matches.append(self._match(softmax, position_ids))
+            except NoMatch as exc:  # outside the matched form: softcap, a bias, a MoE router, ...
+                misses.append(f"Softmax {softmax.name or '(unnamed)'}: {exc}")
+        unfused = len(misses)
+        if not matches:  # a count of what was left is no change: the graph is as it was
+            result = self.result(model, fused=0, softmax_left_unfused=unfused)
+            result.modified, result.misses = False, misses
+            return result
         ctx_len = matches[0].key_scatter.inputs[0].shape[2]
         lengths = self._lengths(graph, position_ids, input_ids, ctx_len)
         flat = const([0, 0, -1], np.int64)
@@ -373,10 +355,12 @@ class GroupQueryAttentionFusion(GraphPass):
             gqa.outputs[0].shape = None
         RemoveUnusedNodesPass()(model)  # score chains, scatter indices, rotary nodes nothing reads now
         model.opset_imports.setdefault(MS_DOMAIN, 1)
-        return self.result(
+        result = self.result(
             model,
             fused=len(matches),
             packed_qkv=packed_count,
             rotary_absorbed=rotary_count,
             softmax_left_unfused=unfused,
         )
+        result.misses = misses
+        return result

@@ -22,12 +22,8 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from qgraph.graph_utils import const_ints, derived_name
+from qgraph.graph_utils import const_ints, derived_name, static_dim
 from qgraph.pass_manager import CountedResult, GraphPass
-
-
-def _static(dim) -> int | None:
-    return dim if isinstance(dim, int) else None
 
 
 def _int64(graph: ir.Graph, name: str, values: list[int]) -> ir.Value:
@@ -62,7 +58,7 @@ class GroupedQueryMatMul(GraphPass):
         out_shape = reshape.outputs[0].shape
         if kv.shape is None or out_shape is None or len(kv.shape) != 4 or len(out_shape) != 4:
             return None
-        kv_heads, heads = _static(kv.shape[1]), _static(out_shape[1])
+        kv_heads, heads = static_dim(kv.shape, 1), static_dim(out_shape, 1)
         if not kv_heads or not heads or heads % kv_heads or heads == kv_heads:
             return None
         return kv, kv_heads, heads // kv_heads

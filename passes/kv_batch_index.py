@@ -1,6 +1,6 @@
 """Continuous batching on static-shape targets: a ``batch_index`` input selects the KV slots a run reads and writes.
 
-Why: a target with static shapes and the KV cache on the device (Cloud AI 100) cannot run one row of its KV buffers
+Why: a target with static shapes and the KV cache on the device cannot run one row of its KV buffers
 alone, as ONNX Runtime does over a row view. QEfficient's protocol instead keeps ``full_batch_size`` rows of KV state
 and gives every run a ``batch_index`` ``[batch, 1]``: a batch-1 prefill names the slot it fills, a decode of all
 ``full_batch_size`` rows names ``0..full_batch_size-1``.
@@ -16,19 +16,14 @@ from __future__ import annotations
 import onnx_ir as ir
 from onnx_ir.passes import PostconditionError, PreconditionError
 
+from qgraph import contract
+from qgraph.contract import BATCH_INDEX, INPUT_IDS
 from qgraph.pass_manager import CountedResult, GraphPass
-
-BATCH_INDEX = "batch_index"
-RETAINED_SUFFIX = "_RetainedState"
 
 
 def _kv_pairs(graph: ir.Graph) -> list[tuple[ir.Value, ir.Value]]:
-    outputs = {v.name: v for v in graph.outputs}
-    return [
-        (v, outputs[f"{v.name}{RETAINED_SUFFIX}"])
-        for v in graph.inputs
-        if (v.name or "").startswith("past_") and f"{v.name}{RETAINED_SUFFIX}" in outputs
-    ]
+    """Each retained buffer input with its ``_RetainedState`` output (buffers without one are not state)."""
+    return [(p.input, p.output) for p in contract.kv_pairs(graph) if p.output is not None]
 
 
 class KVBatchIndex(GraphPass):
@@ -39,13 +34,16 @@ class KVBatchIndex(GraphPass):
 
     def requires(self, model: ir.Model) -> None:
         if not _kv_pairs(model.graph):
-            raise PreconditionError("needs the retained-state graph (past_* inputs with _RetainedState outputs)")
+            raise PreconditionError(
+                f"needs the retained-state graph ({contract.RETAINED_INPUT_PATTERN} inputs with "
+                f"{contract.RETAINED_SUFFIX} outputs)"
+            )
 
     def call(self, model: ir.Model) -> CountedResult:
         graph = model.graph
         if any(v.name == BATCH_INDEX for v in graph.inputs):
             return self.result(model, slots_selected=0)  # already applied
-        ids = next(v for v in graph.inputs if v.name == "input_ids")
+        ids = next(v for v in graph.inputs if v.name == INPUT_IDS)
         batch = ids.shape[0] if ids.shape is not None else "batch"
         batch_index = ir.Value(name=BATCH_INDEX, shape=ir.Shape([batch, 1]), type=ir.TensorType(ir.DataType.INT64))
         graph.inputs.append(batch_index)

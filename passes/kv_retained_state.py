@@ -1,7 +1,7 @@
 """KV cache as fixed-size retained state, updated at ``position_ids``.
 
 Turns a vanilla decoder export (``past_key_values.{i}.key|value`` grown by ``Concat`` each step, mask built from
-``attention_mask``) into the retained-state contract of DESIGN.md:
+``attention_mask``) into the retained-state contract (``qgraph.contract``, ``docs/design.md``):
 
 - inputs ``input_ids``, ``position_ids`` (-1 = padding), ``past_key.{i}`` / ``past_value.{i}`` of static length
   ``ctx_len``; outputs ``logits``, ``past_key.{i}_RetainedState`` / ``past_value.{i}_RetainedState``;
@@ -24,7 +24,6 @@ Everything is found by graph structure and measurement: the pass names no model 
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +31,8 @@ import onnx_ir as ir
 from onnx_ir.passes import PostconditionError, PreconditionError
 from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
+from qgraph import contract
+from qgraph.contract import ATTENTION_MASK, INPUT_IDS, POSITION_IDS
 from qgraph.graph_utils import (
     SHAPE_ONLY_OPS,
     attr_int,
@@ -45,10 +46,7 @@ from qgraph.graph_utils import (
 )
 from qgraph.pass_manager import CountedResult, GraphPass
 from qgraph.passes.cleanup import fill_unknown_shapes
-
-VANILLA_PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
-RETAINED_INPUT = "past_{kind}.{layer}"
-RETAINED_OUTPUT = "past_{kind}.{layer}_RetainedState"
+from qgraph.retained_forms import HIDDEN_BELOW, PositionMasks, build_kv_scatter, real_tokens
 
 
 @dataclass
@@ -69,8 +67,8 @@ def find_kv_appends(graph: ir.Graph) -> list[KVAppend]:
     """Every vanilla past input with its append ``Concat``; raises ``PreconditionError`` naming what is missing."""
     appends = []
     for value in graph.inputs:
-        match = VANILLA_PAST.match(value.name or "")
-        if not match:
+        layer_kind = contract.vanilla_past(value.name)
+        if layer_kind is None:
             continue
         concats = [n for n in consumers(value) if n.op_type == "Concat"]
         rank = value.shape.rank() if value.shape is not None else None
@@ -88,11 +86,11 @@ def find_kv_appends(graph: ir.Graph) -> list[KVAppend]:
                 f"input {value.name} is not appended to by exactly one Concat(past, new, axis=-2) "
                 f"(found {len(valid)}; its consumers: {users})"
             )
-        appends.append(KVAppend(int(match.group(1)), match.group(2), value, valid[0]))
+        appends.append(KVAppend(*layer_kind, value, valid[0]))
     if not appends:
         names = ", ".join(v.name or "?" for v in graph.inputs)
         raise PreconditionError(
-            f"no past_key_values.{{i}}.key|value inputs (graph inputs: {names}); not a vanilla decoder export with KV"
+            f"no {contract.VANILLA_PAST_PATTERN} inputs (graph inputs: {names}); not a vanilla decoder export with KV"
         )
     return sorted(appends, key=lambda a: (a.layer, a.kind != "key"))
 
@@ -142,10 +140,6 @@ def find_shape_masks(graph: ir.Graph, attention_mask: ir.Value, input_ids: ir.Va
     return [v for v in found if v is not attention_mask]
 
 
-# Additive masks hide a key with a large negative number (HF: the dtype's minimum; older code: -1e4 or -1e9).
-_HIDDEN_BELOW = -1.0e4
-
-
 @dataclass
 class AttentionTerm:
     """A value computed from ``attention_mask`` or from shapes alone (not from ``input_ids``) where it meets the
@@ -168,13 +162,13 @@ def probe_feeds(graph: ir.Graph, seq_len: int, past_len: int) -> dict[str, np.nd
     total = past_len + seq_len
     for value in graph.inputs:
         name, dtype = value.name or "", value.dtype.numpy() if value.dtype is not None else np.int64
-        if name == "input_ids":
+        if name == INPUT_IDS:
             feeds[name] = np.zeros((1, seq_len), dtype)
-        elif name == "position_ids":
+        elif name == POSITION_IDS:
             feeds[name] = np.arange(past_len, total, dtype=dtype)[None]
-        elif name == "attention_mask":
+        elif name == ATTENTION_MASK:
             feeds[name] = np.ones((1, total), dtype)
-        elif VANILLA_PAST.match(name) and value.shape is not None:
+        elif contract.vanilla_past(name) and value.shape is not None:
             dims = [d if isinstance(d, int) else 1 for d in value.shape.dims]
             dims[-2] = past_len
             feeds[name] = np.zeros(dims, dtype)
@@ -265,7 +259,7 @@ def classify_attention_terms(
         if array.dtype == np.bool_:
             terms.append(AttentionTerm(value, "mask", _mask_window(value, rows, past_len), padding_only=rows.all()))
             continue
-        hidden = rows <= _HIDDEN_BELOW
+        hidden = rows <= HIDDEN_BELOW
         if hidden.any() or not rows.any():  # all zeros: an additive mask that hides nothing here
             hidden_value = float(rows.min()) if hidden.any() else float(np.finfo(rows.dtype).min)
             if not ((rows == 0) | (rows == hidden_value)).all():
@@ -297,22 +291,23 @@ class KVRetainedState(GraphPass):
         self.ctx_len = int(ctx_len)
 
     def _graph_inputs(self, graph: ir.Graph) -> tuple[ir.Value, ir.Value, ir.Value | None]:
-        found = {name: input_by_name(graph, name) for name in ("input_ids", "attention_mask", "position_ids")}
-        missing = [name for name in ("input_ids", "attention_mask") if found[name] is None]
+        found = {name: input_by_name(graph, name) for name in (INPUT_IDS, ATTENTION_MASK, POSITION_IDS)}
+        missing = [name for name in (INPUT_IDS, ATTENTION_MASK) if found[name] is None]
         if missing:
             raise PreconditionError(
                 f"graph has no input {', '.join(missing)} (inputs: {', '.join(v.name or '?' for v in graph.inputs)})"
             )
-        return found["input_ids"], found["attention_mask"], found["position_ids"]
+        return found[INPUT_IDS], found[ATTENTION_MASK], found[POSITION_IDS]
 
     def _already_converted(self, graph: ir.Graph) -> bool:
         """True for a graph this pass produced with the same ``ctx_len``: idempotent, a second run changes nothing.
 
         A retained-state graph of another ``ctx_len`` is refused: its buffers' length is baked into the graph.
         """
-        if input_by_name(graph, "attention_mask") is not None or input_by_name(graph, "past_key.0") is None:
+        pairs = contract.kv_pairs(graph)
+        if input_by_name(graph, ATTENTION_MASK) is not None or not pairs:
             return False
-        lengths = sorted({v.shape[-2] for v in graph.inputs if RETAINED_NAME.match(v.name or "") and v.shape})
+        lengths = sorted({p.input.shape[-2] for p in pairs if p.input.shape})
         if lengths != [self.ctx_len]:
             raise PreconditionError(
                 f"graph is already in retained-state form with ctx_len {', '.join(map(str, lengths))}; converting to "
@@ -393,7 +388,7 @@ class KVRetainedState(GraphPass):
     def _add_position_ids(graph: ir.Graph, input_ids: ir.Value) -> ir.Value:
         """Models whose forward takes no position_ids still get the contract's input (used by the masks and KV)."""
         shape = ir.Shape(list(input_ids.shape.dims)) if input_ids.shape is not None else None
-        value = ir.Value(name="position_ids", type=ir.TensorType(ir.DataType.INT64), shape=shape)
+        value = ir.Value(name=POSITION_IDS, type=ir.TensorType(ir.DataType.INT64), shape=shape)
         graph.inputs.insert(graph.inputs.index(input_ids) + 1, value)
         return value
 
@@ -425,38 +420,14 @@ class KVRetainedState(GraphPass):
 
     def _replace_masks(self, graph: ir.Graph, masks: list[AttentionTerm], position_ids: ir.Value) -> None:
         """Each mask becomes ``p - window < key_slot <= p`` in the mask's own form (boolean or additive)."""
-        slots = const(np.arange(self.ctx_len, dtype=np.int64), name="kv_slot_positions")
-        axes = const([1, 3], np.int64)
-        query = ir.node("Unsqueeze", [position_ids, axes.outputs[0]])  # [b, 1, s, 1]
-        causal = ir.node("LessOrEqual", [slots.outputs[0], query.outputs[0]])  # [b, 1, s, ctx_len]
-        causal.outputs[0].name = "kv_visible"
-        new_nodes = [slots, axes, query, causal]
-        visible: dict[int | None, ir.Value] = {None: causal.outputs[0]}
-        replacements: dict[tuple, ir.Value] = {}
+        built = PositionMasks(self.ctx_len, position_ids)
         for term in masks:
-            if term.window not in visible:
-                window = const(np.array(term.window, np.int64))
-                oldest = ir.node("Sub", [query.outputs[0], window.outputs[0]])
-                inside = ir.node("Greater", [slots.outputs[0], oldest.outputs[0]])
-                both = ir.node("And", [causal.outputs[0], inside.outputs[0]])
-                both.outputs[0].name = f"kv_visible_window_{term.window}"
-                new_nodes += [window, oldest, inside, both]
-                visible[term.window] = both.outputs[0]
             mask = term.value
             if mask.dtype == ir.DataType.BOOL:
-                replace_all_uses(mask, visible[term.window])
-                continue
-            key = (term.window, mask.dtype, term.hidden)
-            if key not in replacements:
-                zero = const(np.zeros((), mask.dtype.numpy()))
-                blocked = const(np.array(term.hidden, mask.dtype.numpy()))
-                where = ir.node("Where", [visible[term.window], zero.outputs[0], blocked.outputs[0]])
-                suffix = f"_window_{term.window}" if term.window is not None else ""
-                where.outputs[0].name = f"kv_additive_mask_{mask.dtype.name.lower()}{suffix}"
-                new_nodes += [zero, blocked, where]
-                replacements[key] = where.outputs[0]
-            replace_all_uses(mask, replacements[key])
-        prepend(graph, new_nodes)
+                replace_all_uses(mask, built.visible(term.window))
+            else:
+                replace_all_uses(mask, built.additive(term.window, mask.dtype, term.hidden))
+        prepend(graph, built.nodes)
 
     def _read_attention_mask_as_ones(self, graph: ir.Graph, attention_mask: ir.Value, input_ids: ir.Value) -> int:
         """What still reads attention_mask (per-key biases) reads ``ones[batch, ctx_len]``: slot k holds position k."""
@@ -476,13 +447,9 @@ class KVRetainedState(GraphPass):
     @staticmethod
     def _real_tokens(graph: ir.Graph, position_ids: ir.Value) -> ir.Value:
         """``position_ids >= 0`` as ``[b, 1, s, 1]``: which rows of a step are tokens, not padding."""
-        zero = const(np.array(0, np.int64))
-        real = ir.node("GreaterOrEqual", [position_ids, zero.outputs[0]])
-        axes = const([1, 3], np.int64)
-        shaped = ir.node("Unsqueeze", [real.outputs[0], axes.outputs[0]])
-        shaped.outputs[0].name = "kv_real_tokens"
-        prepend(graph, [zero, real, axes, shaped])
-        return shaped.outputs[0]
+        nodes, real = real_tokens(position_ids)
+        prepend(graph, nodes)
+        return real
 
     def _scatter_instead_of_concat(
         self, graph: ir.Graph, append: KVAppend, position_ids: ir.Value, real: ir.Value
@@ -494,68 +461,27 @@ class KVRetainedState(GraphPass):
         ``0 * NaN`` is NaN: zeros keep every masked slot harmless.
         """
         past, concat = append.past, append.concat
-        past.name = RETAINED_INPUT.format(kind=append.kind, layer=append.layer)
+        past.name = contract.retained_input_name(append.layer, append.kind)
         if past.shape is not None:
             dims = list(past.shape.dims)
             dims[-2] = self.ctx_len
             past.shape = ir.Shape(dims)
-        axes = const([1, 3], np.int64)
-        where_to = ir.node("Unsqueeze", [position_ids, axes.outputs[0]])  # [b, 1, s, 1]
-        # Expand broadcasts [b, 1, s, 1] to the step's [b, heads, s, head_dim]; with the buffer's static heads and
-        # head size the target is a constant [1, heads, 1, head_dim], one for every layer of that geometry (a single
-        # index tensor after CSE) instead of a runtime Shape + Expand per K and V of every layer
-        static = _static_heads_and_head_dim(past)
-        new_shape = const([1, static[0], 1, static[1]], np.int64) if static else ir.node("Shape", [append.new])
-        indices = ir.node("Expand", [where_to.outputs[0], new_shape.outputs[0]])
-        nothing = const(np.zeros((), (append.new.dtype or past.dtype).numpy()))
-        written = ir.node("Where", [real, append.new, nothing.outputs[0]])
-        scatter = ir.node("ScatterElements", [past, indices.outputs[0], written.outputs[0]], attributes={"axis": 2})
+        nodes, out = build_kv_scatter(past, append.new, position_ids, real)
         old_out = concat.outputs[0]
-        out = scatter.outputs[0]
-        out.name = None
-        out.dtype, out.shape = past.dtype, past.shape
-        graph.insert_after(concat, [axes, where_to, new_shape, indices, nothing, written, scatter])
+        graph.insert_after(concat, nodes)
         replace_all_uses(old_out, out)
         if old_out.is_graph_output():
             graph.outputs[graph.outputs.index(old_out)] = out
         old_out.name = None
-        out.name = RETAINED_OUTPUT.format(kind=append.kind, layer=append.layer)
+        out.name = contract.retained_output_name(past.name)
         graph.remove(concat, safe=True)
 
     def ensures(self, model: ir.Model) -> None:
         assert_retained_state_contract(model.graph, self.ctx_len)
 
 
-def _static_heads_and_head_dim(past: ir.Value) -> tuple[int, int] | None:
-    """``(heads, head_dim)`` of a ``[b, heads, ctx, head_dim]`` KV buffer when both are static, else None."""
-    dims = list(past.shape.dims) if past.shape is not None else []
-    if len(dims) == 4 and isinstance(dims[1], int) and isinstance(dims[3], int):
-        return dims[1], dims[3]
-    return None
-
-
-RETAINED_NAME = re.compile(r"^past_(key|value)\.\d+$")
-
-
 def assert_retained_state_contract(graph: ir.Graph, ctx_len: int) -> None:
-    """The I/O contract of DESIGN.md; raises ``PostconditionError`` saying which part does not hold."""
-    names_in = [v.name for v in graph.inputs]
-    names_out = [v.name for v in graph.outputs]
-    problems = []
-    if "attention_mask" in names_in:
-        problems.append("attention_mask is still an input")
-    for required in ("input_ids", "position_ids"):
-        if required not in names_in:
-            problems.append(f"{required} is not an input")
-    pasts = [v for v in graph.inputs if RETAINED_NAME.match(v.name or "")]
-    if not pasts:
-        problems.append("no past_key.{i}/past_value.{i} inputs")
-    for value in pasts:
-        if value.shape is None or value.shape[-2] != ctx_len:
-            problems.append(f"{value.name} has shape {value.shape}, not ctx_len {ctx_len} on axis -2")
-        if f"{value.name}_RetainedState" not in names_out:
-            problems.append(f"no output {value.name}_RetainedState")
-        if any(n.op_type == "Concat" for n in consumers(value)):
-            problems.append(f"{value.name} is still appended to by a Concat")
+    """The retained-state I/O contract (``qgraph.contract``); ``PostconditionError`` saying what does not hold."""
+    problems = contract.retained_state_problems(graph, ctx_len)
     if problems:
         raise PostconditionError("retained-state contract broken: " + "; ".join(problems))

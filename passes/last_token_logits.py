@@ -19,6 +19,7 @@ from __future__ import annotations
 import onnx_ir as ir
 from onnx_ir.passes import PreconditionError
 
+from qgraph.contract import ATTENTION_MASK, LOGITS, POSITION_IDS
 from qgraph.pass_manager import CountedResult, GraphPass
 
 HEAD_OPS = {("", "MatMul"), ("ai.onnx", "MatMul"), ("com.microsoft", "MatMulNBits")}
@@ -33,7 +34,7 @@ def _is_const(value: ir.Value | None) -> bool:
 
 def find_lm_head(graph: ir.Graph) -> ir.Node | None:
     """The MatMul (or MatMulNBits) with a constant weight from which ``logits`` is computed element-wise."""
-    logits = next((o for o in graph.outputs if o.name == "logits"), None)
+    logits = next((o for o in graph.outputs if o.name == LOGITS), None)
     node = logits.producer() if logits is not None else None
     while node is not None:
         if (node.domain, node.op_type) in HEAD_OPS:
@@ -61,18 +62,20 @@ class LastTokenLogits(GraphPass):
 
     def requires(self, model: ir.Model) -> None:
         names = {v.name for v in model.graph.inputs}
-        if "position_ids" not in names or "attention_mask" in names:
-            raise PreconditionError("needs the retained-state contract (position_ids input, no attention_mask)")
+        if POSITION_IDS not in names or ATTENTION_MASK in names:
+            raise PreconditionError(f"needs the retained-state contract ({POSITION_IDS} input, no {ATTENTION_MASK})")
 
     def call(self, model: ir.Model) -> CountedResult:
         graph = model.graph
         head = find_lm_head(graph)
         if head is None:
-            raise PreconditionError("no LM head found: 'logits' is not a constant-weight MatMul (+ element-wise ops)")
+            raise PreconditionError(
+                f"no LM head found: '{LOGITS}' is not a constant-weight MatMul (+ element-wise ops)"
+            )
         if head.name.endswith(MARK) or any(n.name.startswith(MARK) for n in graph):
             return self.result(model, gathered=0)  # already applied
         hidden = head.inputs[0]
-        position_ids = next(v for v in graph.inputs if v.name == "position_ids")
+        position_ids = next(v for v in graph.inputs if v.name == POSITION_IDS)
         argmax = ir.node("ArgMax", [position_ids], {"axis": 1, "keepdims": 1}, name=f"{MARK}_argmax")
         gather = ir.node("GatherND", [hidden, argmax.outputs[0]], {"batch_dims": 1}, name=f"{MARK}_gather")
         axes = ir.Value(name=f"{MARK}_axes", shape=ir.Shape([1]), type=ir.TensorType(ir.DataType.INT64))
@@ -84,7 +87,7 @@ class LastTokenLogits(GraphPass):
         if hidden.shape is not None and len(hidden.shape) == 3:
             unsqueeze.outputs[0].shape = ir.Shape([hidden.shape[0], 1, hidden.shape[2]])
             unsqueeze.outputs[0].type = hidden.type
-        logits = next(o for o in graph.outputs if o.name == "logits")
+        logits = next(o for o in graph.outputs if o.name == LOGITS)
         if logits.shape is not None and len(logits.shape) == 3:
             logits.shape = ir.Shape([logits.shape[0], 1, logits.shape[2]])
         # downstream intermediate shapes were inferred for [b, s, V]: clear them, ORT infers again
@@ -99,6 +102,6 @@ class LastTokenLogits(GraphPass):
         return self.result(model, gathered=1)
 
     def ensures(self, model: ir.Model) -> None:
-        logits = next(o for o in model.graph.outputs if o.name == "logits")
+        logits = next(o for o in model.graph.outputs if o.name == LOGITS)
         if logits.shape is not None and len(logits.shape) == 3 and logits.shape[1] != 1:
             raise ValueError(f"logits shape is {logits.shape}, expected [b, 1, V]")

@@ -27,16 +27,16 @@ import math
 
 import onnx_ir as ir
 from onnx_ir.passes import common
-from onnxscript.rewriter import _ir_utils
 from onnxscript.rewriter import pattern as rw
 from onnxscript.rewriter.rules.fusion import _layer_norm
 
+from qgraph.graph_utils import MS_DOMAIN, onnx_opset
+from qgraph.onnxscript_compat import get_const_value, get_singleton_value
 from qgraph.pass_manager import CountedResult, GraphPass
 from qgraph.verify import rule_misses
 
 log = logging.getLogger(__name__)
 
-MS_DOMAIN = "com.microsoft"
 GELU_TARGETS = ("onnx", "com.microsoft", "auto")
 _CONSTANTS = {  # pattern variable -> (expected value, what it is)
     "half": (0.5, "the 0.5 factor"),
@@ -92,7 +92,7 @@ class GeluFusion(rw.RewriteRuleClassBase):
             value = bound.get(name)
             if value is None:
                 continue
-            got = _ir_utils.get_singleton_value(value)
+            got = get_singleton_value(value)
             if not isinstance(got, int | float) or not math.isclose(got, expected, rel_tol=1e-3):
                 return result.fail(f"{what} is {got}, expected {expected:.6g}", value)
         if x.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16):
@@ -186,7 +186,7 @@ class CheckedLayerNormBias(_layer_norm.LayerNormBiasFusion):
 def _is_constant(value: ir.Value) -> bool:
     """A constant, possibly behind ``Identity`` nodes (TorchScript shares equal weights that way)."""
     for _ in range(8):
-        if _ir_utils.get_const_value(value) is not None:
+        if get_const_value(value) is not None:
             return True
         producer = value.producer()
         if producer is None or producer.op_type != "Identity":
@@ -205,15 +205,20 @@ def _explicit_keepdims(graph: ir.Graph) -> None:
             node.attributes["keepdims"] = ir.AttrInt64("keepdims", 1)
 
 
-def _onnx_opset(model: ir.Model) -> int:
-    return model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
-
-
 class LayerNormGelu(GraphPass):
     """Decomposed LayerNorm -> ``LayerNormalization``; every Gelu spelling -> one Gelu op (``gelu`` target)."""
 
     name = "layernorm-gelu"
     summary = "decomposed LayerNorm -> LayerNormalization; every Gelu spelling -> one Gelu op"
+
+    @classmethod
+    def emitted(cls, options) -> frozenset[tuple[str, str]]:
+        """ORT's ``FastGelu`` / ``Gelu`` for ``gelu="com.microsoft"`` (or ``"auto"`` below opset 20); else standard."""
+        return (
+            frozenset()
+            if options.get("gelu", "auto") == "onnx"
+            else frozenset({(MS_DOMAIN, "FastGelu"), (MS_DOMAIN, "Gelu")})
+        )
 
     def __init__(self, gelu: str = "auto"):
         if gelu not in GELU_TARGETS:
@@ -222,7 +227,7 @@ class LayerNormGelu(GraphPass):
         self.near_misses: list[str] = []
 
     def call(self, model: ir.Model) -> CountedResult:
-        opset = _onnx_opset(model)
+        opset = onnx_opset(model)
         target = self.gelu if self.gelu != "auto" else ("onnx" if opset >= 20 else MS_DOMAIN)
         if target == "onnx" and opset < 20:
             raise ValueError(f"gelu='onnx' needs ONNX opset >= 20 (Gelu); this model imports opset {opset}")

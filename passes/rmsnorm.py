@@ -2,7 +2,8 @@
 
 Why: an exported RMSNorm is seven nodes (``Pow, ReduceMean, Add, Sqrt, Reciprocal, Mul, Mul``) per norm, two norms
 per layer plus the final one. Targets have one fused kernel for it (ONNX Runtime: ``SimplifiedLayerNormalization``;
-ONNX opset 23: ``RMSNormalization``; Cloud AI 100: the ``CustomRMSNorm`` function), and fp16 targets need the
+ONNX opset 23: ``RMSNormalization``; others: a custom op of their own, given as a model-local function), and fp16
+targets need the
 ``x**2`` sum computed in float32, which a fused op does internally.
 
 Two steps, both rewrite rules (``onnxscript.rewriter``):
@@ -12,14 +13,16 @@ Two steps, both rewrite rules (``onnxscript.rewriter``):
    the variants exporters and models produce: ``Cast`` to float32 around the normalisation or not; ``Pow(x, 2)`` or
    ``Mul(x, x)``; ``Reciprocal(Sqrt)``, ``Div(1, Sqrt)``, ``Pow(., -0.5)`` or ``Div(x, Sqrt)``; the weight on either
    side; Gemma's ``x_normed * (1 + weight)``; no weight at all. Every refused candidate says why (``near_misses``).
-   Already-fused forms (``SimplifiedLayerNormalization``, ``RMSNormalization``, ``CustomRMSNorm``) other than the
-   target's are lifted to the canonical op too, so one graph can be re-lowered for another backend.
-2. **Lowering** of the canonical op, chosen by the backend's ``Capabilities.rmsnorm_lowering``:
+   Already-fused forms (``SimplifiedLayerNormalization``, ``RMSNormalization``, a call to a function an earlier
+   ``FunctionLowering`` wrote) other than the target's are lifted to the canonical op too, so one graph can be
+   re-lowered for another backend.
+2. **Lowering** of the canonical op (``lowering``; the standard pipeline picks the first the target executes):
    ``ort-fused`` -> ``SimplifiedLayerNormalization`` (ONNX Runtime registers it in the default domain);
    ``onnx-23`` -> ``RMSNormalization`` (the model is converted to opset 23 first);
-   ``function`` -> ``com.qti.aisw.onnx.CustomRMSNorm`` with a model-local function body in standard ops (so any
-   runtime, ONNX Runtime included, can execute it by inlining); ``decomposed`` -> standard ops inline (no fusion is
-   done, fused forms are expanded); ``canonical`` -> left as ``qgraph.RMSNorm`` (for inspection; nothing runs it).
+   a ``FunctionLowering`` (offered by a backend for its own custom op) -> a call to that model-local function, whose
+   body is standard ops (so any runtime, ONNX Runtime included, can execute it by inlining); ``decomposed`` ->
+   standard ops inline (no fusion is done, fused forms are expanded); ``canonical`` -> left as ``qgraph.RMSNorm``
+   (for inspection; nothing runs it).
 
 Contract: graph inputs/outputs unchanged; counts ``fused`` (decomposed chains replaced), ``converted`` (fused forms
 of another kind re-lowered) and ``decomposed``. Idempotent: a second run finds nothing to do.
@@ -28,13 +31,17 @@ of another kind re-lowered) and ``decomposed``. Idempotent: a second run finds n
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import common
-from onnxscript.rewriter import _ir_utils
 from onnxscript.rewriter import pattern as rw
 
+from qgraph.graph_utils import MS_DOMAIN, onnx_opset
+from qgraph.graph_utils import scalar as _scalar
+from qgraph.onnxscript_compat import get_const_value, get_numpy_value
 from qgraph.pass_manager import CountedResult, GraphPass
 from qgraph.verify import rule_misses
 
@@ -42,20 +49,47 @@ log = logging.getLogger(__name__)
 
 CANONICAL_DOMAIN = "qgraph"
 CANONICAL_OP = "RMSNorm"
-AI100_DOMAIN = "com.qti.aisw.onnx"
-AI100_FUNCTION = "CustomRMSNorm"
-LOWERINGS = ("ort-fused", "onnx-23", "function", "decomposed", "canonical")
+LOWERINGS = ("ort-fused", "onnx-23", "decomposed", "canonical")  # and any FunctionLowering
+# Marks a model-local function a FunctionLowering wrote, so a later run can lift its calls back to the canonical op.
+FUNCTION_MARK = "qgraph.rmsnorm_lowering"
 
 FLOAT_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE})
 STASH_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.DOUBLE})
 
 
-def _scalar(value: ir.Value | None) -> float | None:
-    """The float held by a one-element constant, else None."""
-    if value is None:
-        return None
-    item = _ir_utils.get_singleton_value(value)
-    return float(item) if isinstance(item, int | float) else None
+@dataclass(frozen=True)
+class FunctionLowering:
+    """RMSNorm as a call ``domain.op_type(x, weight; epsilon)`` to a model-local function that computes in its input
+    type; ``body(onnx_opset)`` builds the function (standard ops, so any runtime can inline it). A target whose
+    compiler maps that op to a kernel of its own offers one of these to the pass (``lowering=``)."""
+
+    domain: str
+    op_type: str
+    body: Callable[[int], ir.Function]
+
+    def __repr__(self) -> str:  # part of a pipeline's cache key: stable, no addresses
+        return f"FunctionLowering({self.domain}::{self.op_type})"
+
+    __str__ = __repr__
+
+    @property
+    def op(self) -> tuple[str, str]:
+        return self.domain, self.op_type
+
+    def function(self, onnx_opset: int) -> ir.Function:
+        function = self.body(onnx_opset)
+        if (function.domain, function.name) != self.op:
+            raise ValueError(f"{self}: its body builds the function {function.domain}::{function.name}")
+        function.metadata_props[FUNCTION_MARK] = "1"
+        return function
+
+
+# What each named lowering writes (a FunctionLowering writes its own op).
+LOWERED_OPS = {
+    "ort-fused": ("", "SimplifiedLayerNormalization"),
+    "onnx-23": ("", "RMSNormalization"),
+    "canonical": (CANONICAL_DOMAIN, CANONICAL_OP),
+}
 
 
 def _is_close(value: ir.Value | None, expected: float) -> bool:
@@ -66,7 +100,7 @@ def _is_close(value: ir.Value | None, expected: float) -> bool:
 def _reduce_axes(node: ir.Node) -> list[int] | None:
     """The axes of a ReduceMean, from its second input (opset >= 18) or its ``axes`` attribute (older opsets)."""
     if len(node.inputs) > 1 and node.inputs[1] is not None:
-        array = _ir_utils.get_numpy_value(node.inputs[1])
+        array = get_numpy_value(node.inputs[1])
         return None if array is None else [int(a) for a in np.asarray(array).reshape(-1)]
     attr = node.attributes.get("axes")
     return None if attr is None else [int(a) for a in attr.as_ints()]
@@ -80,7 +114,7 @@ def _dtype(value: ir.Value | None) -> ir.DataType | None:
             return None
         if value.dtype is not None:
             return value.dtype
-        tensor = _ir_utils.get_const_value(value)
+        tensor = get_const_value(value)
         if tensor is not None:
             return tensor.dtype
         producer = value.producer()
@@ -210,7 +244,7 @@ class DecomposedRMSNorm(rw.RewriteRuleClassBase):
             else:
                 scale = op.Constant(value=ir.tensor(np.ones([hidden], dtype.numpy())))
         elif self.one_plus_weight:
-            w = _ir_utils.get_numpy_value(weight)
+            w = get_numpy_value(weight)
             if w is not None:
                 scale = op.Constant(value=ir.tensor((w + np.asarray(1, w.dtype)).astype(w.dtype)))
             else:
@@ -285,11 +319,8 @@ class LiftFused(rw.RewriteRuleClassBase):
         )
 
 
-class LiftCustomRMSNorm(LiftFused):
-    """``com.qti.aisw.onnx.CustomRMSNorm`` computes in its input type: stash = the input's type."""
-
-    def __init__(self):
-        super().__init__(AI100_FUNCTION, AI100_DOMAIN)
+class LiftFunction(LiftFused):
+    """A call to a function a ``FunctionLowering`` wrote: it computes in its input type, so stash = the input's."""
 
     def check(self, context, x, scale, y, **_):
         result = super().check(context, x, scale, y)
@@ -298,23 +329,26 @@ class LiftCustomRMSNorm(LiftFused):
         return result
 
 
-FUSED_FORMS = {  # lowering -> the op (domain, op_type) it produces
-    "ort-fused": ("", "SimplifiedLayerNormalization"),
-    "onnx-23": ("", "RMSNormalization"),
-    "function": (AI100_DOMAIN, AI100_FUNCTION),
-    "canonical": (CANONICAL_DOMAIN, CANONICAL_OP),
-}
+def _lowered_op(lowering: str | FunctionLowering) -> tuple[str, str] | None:
+    return lowering.op if isinstance(lowering, FunctionLowering) else LOWERED_OPS.get(lowering)
 
 
-def lift_rules(lowering: str) -> rw.RewriteRuleSet | None:
-    keep = FUSED_FORMS.get(lowering)
+def _lowering_functions(model: ir.Model) -> list[ir.Function]:
+    return [f for f in model.functions.values() if f.metadata_props.get(FUNCTION_MARK)]
+
+
+def lift_rules(lowering: str | FunctionLowering, model: ir.Model) -> rw.RewriteRuleSet | None:
+    """Rules lifting every fused form but the target's own to the canonical op (function calls: those in ``model``)."""
+    keep = _lowered_op(lowering)
     rules = []
-    for domain, op_type in FUSED_FORMS.values():
-        if (domain, op_type) == keep or domain == CANONICAL_DOMAIN:
-            continue
-        rules.append(LiftCustomRMSNorm.rule() if op_type == AI100_FUNCTION else LiftFused.rule(op_type, domain))
+    for domain, op_type in LOWERED_OPS.values():
+        if (domain, op_type) != keep and domain != CANONICAL_DOMAIN:
+            rules.append(LiftFused.rule(op_type, domain))
+    for function in _lowering_functions(model):
+        if (function.domain, function.name) != keep:
+            rules.append(LiftFunction.rule(function.name, function.domain))
     if lowering != "ort-fused":  # ORT also accepts its op in the com.microsoft domain
-        rules.append(LiftFused.rule("SimplifiedLayerNormalization", "com.microsoft"))
+        rules.append(LiftFused.rule("SimplifiedLayerNormalization", MS_DOMAIN))
     return rw.RewriteRuleSet(rules) if rules else None
 
 
@@ -324,7 +358,7 @@ def lift_rules(lowering: str) -> rw.RewriteRuleSet | None:
 class LowerCanonical(rw.RewriteRuleClassBase):
     """``qgraph.RMSNorm`` -> the target's form (see the module docstring)."""
 
-    def __init__(self, lowering: str, onnx_opset: int):
+    def __init__(self, lowering: str | FunctionLowering, onnx_opset: int):
         super().__init__(f"lower RMSNorm -> {lowering}")
         self.lowering, self.onnx_opset = lowering, onnx_opset
 
@@ -343,8 +377,8 @@ class LowerCanonical(rw.RewriteRuleClassBase):
         out_type = _dtype(scale)
         xs = x if _dtype(x) in (stash, None) else _typed(op.Cast(x, to=int(stash)), stash, x.shape)
         ws = scale if out_type in (stash, None) else _typed(op.Cast(scale, to=int(stash)), stash, scale.shape)
-        if self.lowering == "function":
-            result = op.op(AI100_FUNCTION, xs, ws, epsilon=eps, _domain=AI100_DOMAIN, _version=1)
+        if isinstance(self.lowering, FunctionLowering):
+            result = op.op(self.lowering.op_type, xs, ws, epsilon=eps, _domain=self.lowering.domain, _version=1)
         else:
             result = _decomposed(op, xs, ws, eps, stash, self.onnx_opset)
         result.dtype, result.shape = stash, x.shape
@@ -369,40 +403,6 @@ def _decomposed(op, x, weight, eps: float, dtype: ir.DataType, onnx_opset: int) 
     return op.Mul(weight, op.Mul(x, op.Reciprocal(op.Sqrt(var))))
 
 
-def custom_rmsnorm_function(onnx_opset: int) -> ir.Function:
-    """``CustomRMSNorm(hidden_states, weight; epsilon)``: the body in standard ONNX ops, type-generic (``CastLike``)."""
-    x = ir.Value(name="hidden_states")
-    weight = ir.Value(name="weight")
-    nodes: list[ir.Node] = []
-
-    def add(op_type: str, inputs, **attributes) -> ir.Value:
-        node = ir.node(op_type, inputs, attributes=attributes or None)
-        nodes.append(node)
-        return node.outputs[0]
-
-    two = add("Constant", [], value_float=2.0)
-    square = add("Pow", [x, two])
-    if onnx_opset >= 18:
-        mean = add("ReduceMean", [square, add("Constant", [], value_ints=[-1])], keepdims=1)
-    else:
-        mean = add("ReduceMean", [square], axes=[-1], keepdims=1)
-    eps_node = ir.Node("", "Constant", [], attributes=[ir.RefAttr("value_float", "epsilon", ir.AttributeType.FLOAT)])
-    nodes.append(eps_node)
-    eps = add("CastLike", [eps_node.outputs[0], x])
-    inv = add("Reciprocal", [add("Sqrt", [add("Add", [mean, eps])])])
-    out = add("Mul", [weight, add("Mul", [x, inv])])
-    out.name = "output"
-    for i, node in enumerate(nodes):
-        for v in node.outputs:
-            v.name = v.name or f"v{i}"
-    graph = ir.Graph([x, weight], [out], nodes=nodes, opset_imports={"": onnx_opset}, name=AI100_FUNCTION)
-    return ir.Function(AI100_DOMAIN, AI100_FUNCTION, graph=graph, attributes=[ir.AttrFloat32("epsilon", 1e-6)])
-
-
-def _onnx_opset(model: ir.Model) -> int:
-    return model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
-
-
 def _count_ops(model: ir.Model, domain: str, op_type: str) -> int:
     nodes = ir.traversal.RecursiveGraphIterator(model.graph)
     return sum(1 for n in nodes if (n.domain, n.op_type) == (domain, op_type))
@@ -412,33 +412,42 @@ class RMSNormFusion(GraphPass):
     """Decomposed RMSNorm chains -> one canonical op -> the backend's RMSNorm (``lowering``)."""
 
     name = "rmsnorm-fuse"
-    summary = "decomposed RMSNorm -> one op: SimplifiedLayerNormalization / RMSNormalization / CustomRMSNorm function"
+    summary = "decomposed RMSNorm -> one op: SimplifiedLayerNormalization / RMSNormalization / a backend's function op"
 
-    def __init__(self, lowering: str = "ort-fused"):
-        if lowering not in LOWERINGS:
-            raise ValueError(f"lowering must be one of {', '.join(LOWERINGS)}; got {lowering!r}")
+    def __init__(self, lowering: str | FunctionLowering = "ort-fused"):
+        if not isinstance(lowering, FunctionLowering) and lowering not in LOWERINGS:
+            raise ValueError(
+                f"lowering must be one of {', '.join(LOWERINGS)} or a FunctionLowering a backend offers; "
+                f"got {lowering!r}"
+            )
         self.lowering = lowering
         self.near_misses: list[str] = []
+
+    @classmethod
+    def emitted(cls, options) -> frozenset[tuple[str, str]]:
+        """The op its ``lowering`` writes (nothing beyond standard ONNX for ``decomposed``)."""
+        op = _lowered_op(options.get("lowering", "ort-fused"))
+        return frozenset({op}) if op is not None and op[0] != CANONICAL_DOMAIN else frozenset()
 
     def call(self, model: ir.Model) -> CountedResult:
         fused = 0
         if self.lowering != "decomposed":
             fused = WEIGHTED_RULES.apply_to_model(model) + WEIGHTLESS_RULES.apply_to_model(model)
-        lifts = lift_rules(self.lowering)
+        lifts = lift_rules(self.lowering, model)
         converted = lifts.apply_to_model(model) if lifts is not None else 0
         lowered = 0
         if self.lowering != "canonical" and _count_ops(model, CANONICAL_DOMAIN, CANONICAL_OP):
-            if self.lowering == "onnx-23" and _onnx_opset(model) < 23:
+            if self.lowering == "onnx-23" and onnx_opset(model) < 23:
                 from onnxscript import version_converter
 
                 version_converter.convert_version(model, 23)
-            lower = rw.RewriteRuleSet([LowerCanonical.rule(self.lowering, _onnx_opset(model))])
+            lower = rw.RewriteRuleSet([LowerCanonical.rule(self.lowering, onnx_opset(model))])
             lowered = lower.apply_to_model(model)
-            if self.lowering == "function":
-                function = custom_rmsnorm_function(_onnx_opset(model))
+            if isinstance(self.lowering, FunctionLowering):
+                function = self.lowering.function(onnx_opset(model))
                 if function.identifier() not in model.functions:
                     model.functions[function.identifier()] = function
-                model.opset_imports.setdefault(AI100_DOMAIN, 1)
+                model.opset_imports.setdefault(self.lowering.domain, 1)
         if fused or converted or lowered:  # constants the chains read (eps, 2, axes) are dead now
             common.RemoveUnusedNodesPass()(model)
         _drop_unused_imports(model)
@@ -450,17 +459,20 @@ class RMSNormFusion(GraphPass):
             counts["decomposed"] = lowered
         result = self.result(model, **counts)
         result.modified = bool(fused or converted or lowered)
+        result.misses = list(self.near_misses)
         return result
 
 
 def _drop_unused_imports(model: ir.Model) -> None:
-    """No canonical op left: drop its domain; no CustomRMSNorm call left: drop the function and its domain."""
+    """No canonical op left: drop its domain; a lowering's function no call is left to: drop it and its domain."""
+    dropped = []
+    for function in _lowering_functions(model):
+        if not _count_ops(model, function.domain, function.name):
+            model.functions.pop(function.identifier(), None)
+            dropped.append(function.domain)
     used = {n.domain for n in ir.traversal.RecursiveGraphIterator(model.graph)}
     for function in model.functions.values():
         used.update(n.domain for n in function)
-    if CANONICAL_DOMAIN not in used:
-        model.opset_imports.pop(CANONICAL_DOMAIN, None)
-    if not _count_ops(model, AI100_DOMAIN, AI100_FUNCTION):
-        model.functions.pop((AI100_DOMAIN, AI100_FUNCTION, ""), None)
-        if AI100_DOMAIN not in used:
-            model.opset_imports.pop(AI100_DOMAIN, None)
+    for domain in [CANONICAL_DOMAIN, *dropped]:
+        if domain not in used:
+            model.opset_imports.pop(domain, None)

@@ -23,17 +23,18 @@ from onnxscript.rewriter.ort_fusions.skip_normalization import (
     skip_rms_normalization_ruleset,
 )
 
+from qgraph.graph_utils import MS_DOMAIN
 from qgraph.pass_manager import CountedResult, GraphPass
 from qgraph.verify import rule_misses
 
 log = logging.getLogger(__name__)
-MS_DOMAIN = "com.microsoft"
 
 
 class SkipNormFusion(GraphPass):
     """``norm(a + b)`` -> one ``com.microsoft`` Skip*Normalization node that also returns ``a + b``."""
 
     name = "skip-norm"
+    emits = frozenset({(MS_DOMAIN, "SkipSimplifiedLayerNormalization"), (MS_DOMAIN, "SkipLayerNormalization")})
     summary = "residual Add + RMSNorm/LayerNorm -> one com.microsoft Skip(Simplified)LayerNormalization"
 
     def __init__(self) -> None:

@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["QEFFAutoModelForCausalLM", "__version__"]
+__all__ = ["QEFFAutoModelForCausalLM", "__version__", "load_tokenizer"]
 
 if TYPE_CHECKING:
     from qgraph.api import QEFFAutoModelForCausalLM
+    from qgraph.tokenizer import load_tokenizer
 
 
 def __getattr__(name: str) -> Any:
@@ -17,4 +18,8 @@ def __getattr__(name: str) -> Any:
         from qgraph.api import QEFFAutoModelForCausalLM
 
         return QEFFAutoModelForCausalLM
+    if name == "load_tokenizer":
+        from qgraph.tokenizer import load_tokenizer
+
+        return load_tokenizer
     raise AttributeError(f"module 'qgraph' has no attribute {name!r}")

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
+import gc
 import logging
 import os
 import sys
@@ -10,17 +13,26 @@ import threading
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 from qgraph import __version__
 from qgraph.backend_api import CompileOptions
 from qgraph.cache import cache_root, digest, publish, reuse, tensor_digest
-from qgraph.compiler import ONNX_FILE, CompiledArtifact, compile_onnx, get_backend, unused_options
+from qgraph.checkpoint import (
+    Checkpoint,
+    FileDigests,
+    expand_path,
+    hub_failure_hint,
+    looks_like_path,
+    resolve_checkpoint,
+)
+from qgraph.compiler import ONNX_FILE, CompiledArtifact, compile_onnx, default_pipeline, get_backend, unused_options
 from qgraph.decoding import generation_config_defaults, resolve_options
 from qgraph.engine import Engine, RequestHandle
 from qgraph.errors import ModelNotFoundError, QGraphError
-from qgraph.pass_manager import PassSpec, parse_pipeline
+from qgraph.pipeline_spec import PassSpec, parse_pipeline
 from qgraph.progress import step
 from qgraph.prompts import prompt_token_ids
 from qgraph.registry import pass_registry
@@ -30,6 +42,9 @@ from qgraph.stats import LatencyStats
 from qgraph.validation import check_pipeline, check_prompts, check_token_ids
 
 EXPORT_OPSET = 20
+EXPORT_DTYPES = ("float32", "float16", "bfloat16")
+# from_pretrained arguments that say where or how to fetch a checkpoint, not what model it is.
+NON_SHAPING_HF_KWARGS = frozenset({"token", "cache_dir", "local_files_only", "force_download", "proxies"})
 logger = logging.getLogger(__name__)
 
 
@@ -49,29 +64,44 @@ def _exporter_chatter_silenced() -> Iterator[None]:
                 lg.setLevel(level)
 
 
-def _looks_like_path(name: str) -> bool:
-    """Hub ids are ``name`` or ``org/name``; anything else (``./x``, ``/a/b``, ``a/b/c``) is a local path."""
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).exists()
-
-
-def load_hf_model(name_or_path: str, **hf_kwargs: Any):
+def load_hf_model(name_or_path: str | os.PathLike, **hf_kwargs: Any):
     """``AutoModelForCausalLM.from_pretrained`` with eager attention (the graph form the passes read)."""
     from transformers import AutoModelForCausalLM
 
     hf_kwargs.setdefault("attn_implementation", "eager")
-    if _looks_like_path(name_or_path) and not Path(name_or_path).expanduser().exists():
-        raise ModelNotFoundError(f"model path {name_or_path!r} does not exist")
+    name = os.fspath(name_or_path)
+    if looks_like_path(name):
+        if not expand_path(name).exists():
+            raise ModelNotFoundError(f"model path {name!r} does not exist")
+        name = str(expand_path(name))
     try:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, **hf_kwargs)
+        model = AutoModelForCausalLM.from_pretrained(name, **hf_kwargs)
     except (OSError, ValueError) as exc:
-        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-        hint = (
-            " (HF_HUB_OFFLINE is set, so only the local cache is searched)"
-            if offline
-            else " (not a local directory; the HuggingFace hub could not provide it)"
-        )
-        raise ModelNotFoundError(f"could not load model {name_or_path!r}{hint}: {exc}") from exc
+        raise ModelNotFoundError(f"could not load model {name!r} ({hub_failure_hint()}): {exc}") from exc
     return model.eval()
+
+
+def resolve_export_dtype(requested: Any, stored: str | None) -> str:
+    """The dtype the graph is exported in: float32 unless the user asks otherwise (``"auto"`` keeps the stored one).
+
+    Hub checkpoints are mostly bfloat16, for which ONNX Runtime's CPU provider lacks kernels; an upcast export runs
+    everywhere, and the backends' ``precision`` then chooses float16 / int8 / int4 from exact float32 weights.
+    """
+    if requested is None:
+        return "float32"
+    name = str(requested).removeprefix("torch.")
+    if name == "auto":
+        name = stored or "float32"
+    if name not in EXPORT_DTYPES:
+        raise QGraphError(
+            f"dtype {requested!r} is not an export dtype; use one of {', '.join(EXPORT_DTYPES)} or 'auto'"
+        )
+    return name
+
+
+def _library_versions() -> dict[str, str]:
+    """Versions that shape an export, read from package metadata (importing torch for its version costs ~250 MB)."""
+    return {name: version(name) for name in ("torch", "transformers", "onnxscript")} | {"qgraph": __version__}
 
 
 class QEFFAutoModelForCausalLM:
@@ -80,12 +110,34 @@ class QEFFAutoModelForCausalLM:
     >>> model = QEFFAutoModelForCausalLM.from_pretrained("gpt2")
     >>> model.compile(num_cores=16)
     >>> model.generate(prompts=["Hi there!!"], tokenizer=tokenizer)
+
+    Made from a checkpoint (``from_pretrained``), the PyTorch model is read only when an export is needed and
+    released after it; ``.model`` loads it again on demand. Made from a model object, that object is used as is.
     """
 
-    def __init__(self, model, cache_dir: str | Path | None = None, verbose: bool = True):
-        self.model = model
+    def __init__(
+        self,
+        model=None,
+        cache_dir: str | os.PathLike | None = None,
+        verbose: bool = True,
+        *,
+        checkpoint: Checkpoint | None = None,
+        hf_kwargs: dict[str, Any] | None = None,
+        dtype: Any = None,
+    ):
+        if (model is None) == (checkpoint is None):
+            raise QGraphError(
+                "give either a PyTorch model or a checkpoint (use QEFFAutoModelForCausalLM.from_pretrained)"
+            )
+        self._model = model
+        self._model_handed_out = model is not None
+        self._checkpoint = checkpoint
+        self._hf_kwargs = dict(hf_kwargs or {})
         self.cache_dir = cache_root(cache_dir)
         self.verbose = verbose
+        stored = checkpoint.stored_dtype() if checkpoint else str(next(model.parameters()).dtype).removeprefix("torch.")
+        self.stored_dtype = stored
+        self.export_dtype = resolve_export_dtype(dtype, stored)
         self._source_key: str | None = None
         self._vanilla_path: Path | None = None
         self.artifact: CompiledArtifact | None = None
@@ -96,53 +148,155 @@ class QEFFAutoModelForCausalLM:
     @classmethod
     def from_pretrained(
         cls,
-        pretrained_model_name_or_path: str,
+        pretrained_model_name_or_path: str | os.PathLike,
         *,
-        cache_dir: str | Path | None = None,
+        cache_dir: str | os.PathLike | None = None,
         verbose: bool = True,
+        dtype: Any = None,
         **hf_kwargs: Any,
     ) -> QEFFAutoModelForCausalLM:
-        """Load with transformers (same arguments as ``AutoModelForCausalLM.from_pretrained``)."""
-        return cls(load_hf_model(str(pretrained_model_name_or_path), **hf_kwargs), cache_dir, verbose)
+        """Read the checkpoint's config and weight-file index (same arguments as transformers' ``from_pretrained``).
+
+        No weights are loaded here: the model is materialised only if its export is not cached. ``dtype`` is the
+        export dtype (float32 by default, whatever the checkpoint stores; ``"auto"`` keeps the stored dtype).
+        """
+        if dtype is None:
+            dtype = hf_kwargs.pop("torch_dtype", None)  # transformers' older name for the same argument
+        checkpoint = resolve_checkpoint(pretrained_model_name_or_path, hf_kwargs)
+        return cls(cache_dir=cache_dir, verbose=verbose, checkpoint=checkpoint, hf_kwargs=hf_kwargs, dtype=dtype)
+
+    def _note(self, message: str) -> None:
+        if self.verbose:
+            print(f"qgraph: note: {message}", file=sys.stderr)
+
+    # -- the PyTorch model, on demand ---------------------------------------------------------------------------
+
+    @property
+    def model(self):
+        """The PyTorch model (QEfficient exposes it as ``.model`` too), loaded from the checkpoint on first use.
+
+        Once handed out it may be edited, so from then on the export is keyed by its tensors, not the files.
+        """
+        self._model_handed_out = True
+        return self._materialised_model()
+
+    def _materialised_model(self):
+        if self._model is None:
+            import torch
+
+            size = f"{self._checkpoint.weight_bytes / 1e9:.2f} GB"
+            with step(f"loading {self.architecture} weights ({size})", self.verbose):
+                self._model = load_hf_model(
+                    self._checkpoint.directory, dtype=getattr(torch, self.export_dtype), **self._hf_kwargs
+                )
+        return self._model
+
+    @property
+    def model_loaded(self) -> bool:
+        """Whether the PyTorch model is in memory (a cached artifact never needs it)."""
+        return self._model is not None
+
+    @property
+    def architecture(self) -> str:
+        return self._checkpoint.architecture if self._checkpoint else type(self._model).__name__
+
+    @property
+    def vocab_size(self) -> int | None:
+        """The vocabulary size the config declares (read from config.json when the weights are not loaded)."""
+        if self._model is not None or self._checkpoint is None or not self._checkpoint.config:
+            return getattr(self._materialised_model().config.get_text_config(), "vocab_size", None)
+        config = self._checkpoint.config
+        return config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+
+    @property
+    def generation_config(self):
+        """The model's ``GenerationConfig`` (EOS ids, sampling defaults), read without loading the weights."""
+        from transformers import GenerationConfig
+
+        if self._checkpoint is None or not self._checkpoint.config:
+            return self._materialised_model().generation_config
+        directory = self._checkpoint.directory
+        if (directory / "generation_config.json").is_file():
+            return GenerationConfig.from_pretrained(directory)
+        ids = ("bos_token_id", "eos_token_id", "pad_token_id")
+        return GenerationConfig(**{k: self._checkpoint.config[k] for k in ids if k in self._checkpoint.config})
 
     # -- export -------------------------------------------------------------------------------------------------
 
     @property
     def source_key(self) -> str:
-        """Digest of everything that shapes the vanilla export: class, config, weights, library versions."""
-        if self._source_key is None:
-            import torch
-            import transformers
+        """Digest of everything that shapes the vanilla export: class, config, weights, dtype, attention, versions.
 
-            self._source_key = digest(
-                {
-                    "class": type(self.model).__name__,
-                    "config": self.model.config.to_dict(),
-                    "weights": tensor_digest(self.model.state_dict().items()),
-                    "torch": torch.__version__,
-                    "transformers": transformers.__version__,
-                    "qgraph": __version__,
-                    "opset": EXPORT_OPSET,
+        From a checkpoint the weights count by their files' content digests (hashed once, remembered by path, size
+        and mtime), so finding a cached artifact reads no tensor.
+        """
+        if self._source_key is None or self._model_handed_out:
+            shaping: dict[str, Any] = {"dtype": self.export_dtype, "opset": EXPORT_OPSET, **_library_versions()}
+            if not self._model_handed_out:
+                hf_kwargs = {k: v for k, v in self._hf_kwargs.items() if k not in NON_SHAPING_HF_KWARGS}
+                stage = functools.partial(step, enabled=self.verbose)
+                weights = FileDigests(self.cache_dir).of(self._checkpoint.weight_files, stage=stage)
+                shaping |= {
+                    "class": self.architecture,
+                    "config": self._checkpoint.config,
+                    "weight_files": weights,
+                    "attn_implementation": hf_kwargs.pop("attn_implementation", "eager"),
+                    "hf_kwargs": hf_kwargs,
                 }
-            )
+            else:
+                model = self._model
+                shaping |= {
+                    "class": type(model).__name__,
+                    "config": model.config.to_dict(),
+                    "weights": tensor_digest(model.state_dict().items()),
+                    "attn_implementation": getattr(model.config, "_attn_implementation", None),
+                }
+            self._source_key = digest(shaping)
         return self._source_key
 
+    def _model_for_export(self):
+        """The PyTorch model in the export dtype (a converted copy when a given model object is in another dtype)."""
+        import torch
+
+        model = self._materialised_model()
+        wanted = getattr(torch, self.export_dtype)
+        if next(model.parameters()).dtype == wanted:
+            return model
+        return copy.deepcopy(model).to(wanted)
+
     def export(self, verify: bool = False) -> Path:
-        """The vanilla ONNX export (cached; a damaged entry is rebuilt, ``verify`` re-hashes it); returns its path."""
-        directory = self.cache_dir / "exports" / f"{type(self.model).__name__}-{self.source_key}"
+        """The vanilla ONNX export (cached; a damaged entry is rebuilt, ``verify`` re-hashes it); returns its path.
+
+        A model loaded for the export is released afterwards."""
+        directory = self.cache_dir / "exports" / f"{self.architecture}-{self.source_key}"
         if not reuse(directory, verify):
             import onnx_ir as ir
 
             from qgraph.export import export_vanilla
 
-            params = sum(p.numel() for p in self.model.parameters()) / 1e6
-            with (
-                step(f"exporting {type(self.model).__name__} ({params:.1f}M parameters) to ONNX", self.verbose),
-                _exporter_chatter_silenced(),
-            ):
-                exported = export_vanilla(self.model, opset=EXPORT_OPSET)
-                with publish(directory) as tmp:
-                    ir.save(exported, tmp / ONNX_FILE, external_data=ONNX_FILE + ".data")
+            if self.stored_dtype and self.stored_dtype != self.export_dtype:
+                self._note(
+                    f"weights are stored as {self.stored_dtype}; exporting in {self.export_dtype} (dtype= to choose)"
+                )
+            loaded_here = self._model is None
+            model = self._model_for_export()
+            params = sum(p.numel() for p in model.parameters()) / 1e6
+            try:
+                with (
+                    step(
+                        f"exporting {self.architecture} ({params:.1f}M parameters, {self.export_dtype})", self.verbose
+                    ),
+                    _exporter_chatter_silenced(),
+                ):
+                    exported = export_vanilla(model, opset=EXPORT_OPSET)
+                    with publish(directory) as tmp:
+                        ir.save(exported, tmp / ONNX_FILE, external_data=ONNX_FILE + ".data")
+            finally:
+                del model
+                exported = None
+                if loaded_here and not self._model_handed_out:
+                    self._model = None  # the export holds everything later steps need; free the weights
+                gc.collect()
         self._vanilla_path = directory / ONNX_FILE
         return self._vanilla_path
 
@@ -197,13 +351,19 @@ class QEFFAutoModelForCausalLM:
         check_backend_options = getattr(target, "check_options", None)
         if check_backend_options is not None:
             check_backend_options(options)
-        specs = target.pipeline(options)
+        specs = default_pipeline(target, options, self.cache_dir)
         if passes is not None:
             given = parse_pipeline(passes) if isinstance(passes, str) else [PassSpec(p) for p in passes]
             specs = check_pipeline(given, specs, options.ctx_len, pass_registry())
-        vanilla = self.export(verify)
         self.artifact = compile_onnx(
-            vanilla, self.source_key, target, options, self.cache_dir, specs, verbose=self.verbose, verify=verify
+            lambda: self.export(verify),  # only when the compiled artifact is not cached
+            self.source_key,
+            target,
+            options,
+            self.cache_dir,
+            specs,
+            verbose=self.verbose,
+            verify=verify,
         )
         if self.verbose:
             verb = "reusing compiled artifact" if self.artifact.reused else "compiled artifact written to"
@@ -219,9 +379,9 @@ class QEFFAutoModelForCausalLM:
 
     def _generation_defaults(self) -> dict[str, Any]:
         """What the model's generation_config sets, read without loading weights that are not loaded yet."""
-        loaded = vars(self).get("model")
-        config = getattr(loaded, "generation_config", None)
-        return generation_config_defaults(config, getattr(self, "pretrained_path", None))
+        if self._model is not None or self._checkpoint is None:
+            return generation_config_defaults(self._materialised_model().generation_config)
+        return generation_config_defaults(None, self._checkpoint.directory)
 
     def _requests(
         self, tokenizer, prompts, messages, options: dict[str, Any], start: float
@@ -235,7 +395,7 @@ class QEFFAutoModelForCausalLM:
         if prompts is not None:  # checks of qgraph.validation: the prompts, then their ids against the vocabulary
             check_prompts(prompts)
         texts, prompt_ids = prompt_token_ids(tokenizer, prompts, messages)
-        check_token_ids(prompt_ids, getattr(getattr(self.model, "config", None), "vocab_size", None))
+        check_token_ids(prompt_ids, self.vocab_size)
         ctx_len = self.artifact.options.ctx_len
         requests = [
             Request(ids, resolved, ctx_len, tokenizer, index=i, submitted=start) for i, ids in enumerate(prompt_ids)

@@ -10,33 +10,57 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
-import onnx_ir as ir
 
-from qgraph.pass_manager import PassSpec
+from qgraph.pipeline_spec import PassSpec
+
+if TYPE_CHECKING:
+    import onnx_ir as ir
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """An op a target has kernels for beyond standard ONNX, and the activation types those kernels take."""
+
+    domain: str  # "" for ops a runtime registers in the default domain without ONNX defining them
+    op_type: str
+    dtypes: frozenset[str] = frozenset({"float32"})
+
+    def __str__(self) -> str:
+        return f"{self.domain + '::' if self.domain else ''}{self.op_type}[{','.join(sorted(self.dtypes))}]"
 
 
 @dataclass(frozen=True)
 class Capabilities:
-    """Facts about a target that decide how the graph is lowered for it."""
+    """Facts about a target: what it executes and how it runs a graph. The pipeline is derived from them and from
+    what each pass declares it writes (``qgraph.pipelines``); no field names a pass or a policy."""
 
-    static_shapes: bool  # needs every shape fixed at compile time (specializations)
     retained_state: bool  # keeps KV buffers on the device between runs
-    rmsnorm_lowering: str  # "ort-fused" | "onnx-23" | "function" | "decomposed"
     dtypes: frozenset[str]  # compute dtypes it accepts, e.g. {"float32", "float16"}
-    domains: frozenset[str] = frozenset({""})  # ONNX op domains it executes ("" = standard ONNX)
-    custom_functions: frozenset[str] = frozenset()  # custom-op functions it recognises, e.g. {"CustomRMSNorm"}
-    # runs the graph much as written (no graph compiler of its own), so qgraph's speed rewrites pay off on it
-    graph_speedups: bool = False
+    kernels: frozenset[Kernel] = frozenset()  # ops beyond standard ONNX it executes (standard ONNX: all of it)
+    # runs the graph node by node as written, with no whole-graph compiler of its own: every node saved is a dispatch
+    # saved (a compiling target fuses and schedules for itself)
+    runs_node_by_node: bool = False
+    static_shapes: bool = False  # needs every shape fixed at compile time (it compiles specializations)
     # its sessions can run one row of a batch alone (``run_row``): continuous batching (``full_batch_size``)
     continuous_batching: bool = False
 
+    def executes(self, domain: str, op_type: str, dtype: str = "float32") -> bool:
+        """Whether the target declares a kernel for ``domain::op_type`` on ``dtype`` activations (asked of the ops
+        beyond standard ONNX that passes write)."""
+        domain = "" if domain == "ai.onnx" else domain
+        return any(k.domain == domain and k.op_type == op_type and dtype in k.dtypes for k in self.kernels)
+
     def as_dict(self) -> dict[str, Any]:
         return {
-            k: sorted(v) if isinstance(v, frozenset) else v
-            for k, v in self.__dict__.items()  # frozen dataclass: a plain read
+            "retained_state": self.retained_state,
+            "dtypes": sorted(self.dtypes),
+            "kernels": sorted(map(str, self.kernels)),
+            "runs_node_by_node": self.runs_node_by_node,
+            "static_shapes": self.static_shapes,
+            "continuous_batching": self.continuous_batching,
         }
 
 
@@ -104,7 +128,8 @@ class Backend(Protocol):
     used_options: ClassVar[frozenset[str]]
 
     def pipeline(self, options: CompileOptions) -> list[PassSpec]:
-        """The passes that make a vanilla export ready for this backend."""
+        """The passes that make a vanilla export ready for this backend (``standard_pipeline`` of its capabilities,
+        plus any lowering of its own it offers the passes)."""
 
     def compile(self, model: ir.Model, options: CompileOptions, artifact_dir: Path) -> None:
         """Write everything needed to run into ``artifact_dir`` (an empty directory the core will publish)."""

@@ -20,7 +20,7 @@ import secrets
 import shutil
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -63,16 +63,16 @@ def tensor_digest(named_tensors: Iterator[tuple[str, Any]]) -> str:
     return h.hexdigest()
 
 
-def code_digest(objects: Iterator[Any]) -> str:
-    """Digest of the source that defines ``objects`` (classes) and of qgraph itself: an edited pass, backend, or
-    helper they call is a new artifact.
+def code_digest(module_names: Iterable[str]) -> str:
+    """Digest of the source of the modules that define a compile's passes and backend, and of qgraph itself: an
+    edited pass, backend, or helper they call is a new artifact.
 
-    A class counts with every module of its package (a pass's helpers live beside it; a plugin module outside any
+    A module counts with every module of its package (a pass's helpers live beside it; a plugin module outside any
     package counts alone). A version number alone would miss an edit in a development checkout, and a stale compiled
-    graph that no longer matches its passes is worse than a recompile.
+    graph that no longer matches its passes is worse than a recompile. Modules are located, not imported.
     """
     h = hashlib.blake2b(digest_size=16)
-    files = {path for name in {__name__, *(obj.__module__ for obj in objects)} for path in _source_files(name)}
+    files = {path for name in {__name__, *module_names} for path in _source_files(name)}
     for path in sorted(files):
         h.update(str(path).encode() + b"|" + path.read_bytes())
     return h.hexdigest()
@@ -80,14 +80,16 @@ def code_digest(objects: Iterator[Any]) -> str:
 
 def _source_files(module_name: str) -> list[Path]:
     """The ``.py`` files of the package ``module_name`` belongs to, or its own file when it is in no package."""
-    import sys
+    import importlib.util
 
-    package = sys.modules.get(module_name.rpartition(".")[0]) if "." in module_name else None
-    folders = list(getattr(package, "__path__", []))
+    parent = module_name.rpartition(".")[0]
+    package = importlib.util.find_spec(parent) if parent else None
+    folders = list(package.submodule_search_locations or []) if package else []
     if folders:
         return [path for folder in folders for path in Path(folder).glob("*.py")]
-    file = getattr(sys.modules.get(module_name), "__file__", None)
-    return [Path(file)] if file and os.path.isfile(file) else []
+    spec = importlib.util.find_spec(module_name)
+    origin = spec.origin if spec else None
+    return [Path(origin)] if origin and os.path.isfile(origin) else []
 
 
 def user_path(path: str | os.PathLike[str]) -> Path:

@@ -1,4 +1,4 @@
-"""``qgraph`` command line: infer, export, optimize, passes, backends.
+"""``qgraph`` command line: infer, export, optimize, check, passes, backends.
 
 Errors that come from the user's input are printed as one line (``error: ...``) with exit code 2, not a traceback.
 """
@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
 
 from qgraph.cache import cache_root, user_path
 from qgraph.errors import QGraphError
+
+API_KEY_ENV = "QGRAPH_API_KEY"  # read by `qgraph serve` only, and said so when used
 
 
 def _add_infer(sub) -> None:
@@ -42,6 +45,7 @@ def _add_infer(sub) -> None:
         help="float32, float16, or weight-only int8 / int4 (MatMulNBits); `qgraph backends` lists each one's dtypes",
     )
     p.add_argument("--passes", help="override the backend's pipeline: a,b,c or a JSON/YAML file")
+    p.add_argument("--dtype", default=None, help="export dtype: float32 (default), float16, bfloat16 or auto (stored)")
     p.add_argument("--stream", action="store_true", help="print the first prompt's text as it is generated")
     p.add_argument("--cache-dir", type=user_path, default=None)
     p.add_argument(
@@ -103,7 +107,9 @@ def cmd_infer(args) -> int:
 
     hf_kwargs = {"gguf_file": args.gguf_file} if args.gguf_file else {}
     cache_root(args.cache_dir)  # a --cache-dir that is a file is refused before anything loads
-    model = QEFFAutoModelForCausalLM.from_pretrained(args.model, cache_dir=args.cache_dir, **hf_kwargs)
+    model = QEFFAutoModelForCausalLM.from_pretrained(
+        args.model, cache_dir=args.cache_dir, dtype=args.dtype, **hf_kwargs
+    )
     tokenizer = _load_tokenizer(args.tokenizer or args.model, args.chat, hf_kwargs)  # before a long export
     model.compile(
         backend=args.backend,
@@ -126,11 +132,48 @@ def cmd_infer(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    """Start at once (``/health`` answers 503 until ready), compile or reuse the model in the background, serve."""
+    import importlib.util
+
+    missing = [m for m in ("fastapi", "uvicorn", "prometheus_client") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise QGraphError(f"qgraph serve needs {', '.join(missing)}: pip install 'qgraph[serve]'")
+    from qgraph.api import QEFFAutoModelForCausalLM
+    from qgraph.server import Served, serve
+    from qgraph.tokenizer import load_tokenizer
+
+    cache_root(args.cache_dir)
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    if api_key and not args.api_key:
+        logging.getLogger(__name__).warning("requests need the API key set in %s", API_KEY_ENV)
+
+    def load() -> Served:
+        model = QEFFAutoModelForCausalLM.from_pretrained(args.model, cache_dir=args.cache_dir, dtype=args.dtype)
+        model.compile(
+            backend=args.backend,
+            prefill_seq_len=args.prompt_len,
+            ctx_len=args.ctx_len,
+            precision=args.precision,
+            full_batch_size=args.full_batch_size,
+            **_parse_options(args.option),
+        )
+        name = args.tokenizer or args.model
+        try:
+            tokenizer = load_tokenizer(name)  # no transformers (or torch) in the serving process where it can
+        except QGraphError:
+            tokenizer = _load_tokenizer(name, False, {})
+        return Served(model, tokenizer)
+
+    serve(load, args.served_model_name or args.model, args.host, args.port, args.max_queue, api_key)
+    return 0
+
+
 def cmd_export(args) -> int:
     from qgraph.api import QEFFAutoModelForCausalLM
 
     cache_root(args.cache_dir)  # a --cache-dir that is a file is refused before the model loads
-    model = QEFFAutoModelForCausalLM.from_pretrained(args.model, cache_dir=args.cache_dir)
+    model = QEFFAutoModelForCausalLM.from_pretrained(args.model, cache_dir=args.cache_dir, dtype=args.dtype)
     path = model.export()
     if args.output:
         import onnx_ir as ir
@@ -176,13 +219,23 @@ def cmd_optimize(args) -> int:
 
         verify = max_abs_diff_on_ort
     reports = run_pipeline(model, specs, verify=verify)
-    print(format_reports(reports))
+    print(format_reports(reports, explain=args.explain))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     ir.save(model, args.output, external_data=args.output.name + ".data")
     if args.json:
         args.json.write_text(json.dumps([r.as_dict() for r in reports], indent=2))
     print(f"wrote {args.output}")
     return 0
+
+
+def cmd_check(args) -> int:
+    from qgraph.check import check_model
+
+    report = check_model(args.model, backend=args.backend, cache_dir=args.cache_dir)
+    print(report.format())
+    if args.json:
+        args.json.write_text(json.dumps(report.as_dict(), indent=2))
+    return 0 if report.converts and report.tokens_exact else 1
 
 
 def cmd_passes(args) -> int:
@@ -218,12 +271,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("-o", "--output", type=user_path)
     p.add_argument("--cache-dir", type=user_path, default=None)
+    p.add_argument("--dtype", default=None, help="export dtype: float32 (default), float16, bfloat16 or auto (stored)")
     p = sub.add_parser("optimize", help="run passes on any ONNX file")
     p.add_argument("input", type=user_path)
     p.add_argument("-o", "--output", type=user_path, required=True)
     p.add_argument("--passes", required=True, help="a,b,c or a JSON/YAML pipeline file")
     p.add_argument("--json", type=user_path, help="write the pass reports as JSON")
     p.add_argument("--verify", action="store_true", help="measure each pass's max output difference on ORT")
+    p.add_argument("--explain", action="store_true", help="list each candidate a pass left unfused, with the reason")
+    p = sub.add_parser(
+        "check",
+        help="from config.json alone: build the architecture tiny, convert it, compare greedy tokens with HF "
+        "(exit 0: converts with exact tokens; 1: it does not, and says where)",
+    )
+    p.add_argument("model", help="hub id or directory with a config.json (no weights are read)")
+    p.add_argument("--backend", default="ort", help="see `qgraph backends`")
+    p.add_argument("--json", type=user_path, help="write the report as JSON")
+    p.add_argument("--cache-dir", type=user_path, default=None, help="keep the tiny model's artifacts here")
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (completions, chat, streaming) on the engine")
+    p.add_argument("--model", "--model-name", dest="model", required=True, help="hub id or local directory")
+    p.add_argument("--served-model-name", help="the name clients pass as `model` (default: --model)")
+    p.add_argument("--tokenizer", help="tokenizer id or directory (default: the model's)")
+    p.add_argument("--backend", default="ort", help="see `qgraph backends`")
+    p.add_argument("--full-batch-size", type=int, default=8, help="KV slots: requests decoded together")
+    p.add_argument("--precision", default="float32", help="float32, float16, int8 or int4")
+    p.add_argument("--dtype", default=None, help="export dtype: float32 (default), float16, bfloat16 or auto")
+    p.add_argument("--prompt-len", type=int, default=32, help="prefill chunk length (prefill_seq_len)")
+    p.add_argument("--ctx-len", type=int, default=1024, help="KV buffer length per request: prompt + completion")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-queue", type=int, default=64, help="requests admitted at once; one more gets 429")
+    p.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' (or set {API_KEY_ENV})")
+    p.add_argument("--cache-dir", type=user_path, default=None)
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="backend option")
     sub.add_parser("passes", help="list registered passes")
     sub.add_parser("backends", help="list registered backends and their capabilities")
     return parser
@@ -233,13 +313,24 @@ COMMANDS = {
     "infer": cmd_infer,
     "export": cmd_export,
     "optimize": cmd_optimize,
+    "check": cmd_check,
+    "serve": cmd_serve,
     "passes": cmd_passes,
     "backends": cmd_backends,
 }
 
 
+class _StderrNotes(logging.Handler):
+    """The library's warnings (``logging``) as ``qgraph: note: ...`` lines on the terminal while a command runs."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"qgraph: note: {record.getMessage()}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    notes = _StderrNotes(logging.WARNING)
+    logging.getLogger("qgraph").addHandler(notes)
     try:
         return COMMANDS[args.command](args)
     except QGraphError as exc:
@@ -251,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # a path the user gave cannot be read or written
         where = f" {exc.filename}" if exc.filename else ""
         return _error(f"could not read or write{where}: {exc.strerror or exc}; check the path and its permissions")
+    finally:
+        logging.getLogger("qgraph").removeHandler(notes)
 
 
 def _error(message: str) -> int:

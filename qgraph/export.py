@@ -22,6 +22,15 @@ from dataclasses import dataclass
 import onnx_ir as ir
 import torch
 
+from qgraph.contract import (
+    ATTENTION_MASK,
+    INPUT_IDS,
+    KV_KINDS,
+    LOGITS,
+    POSITION_IDS,
+    vanilla_past_name,
+    vanilla_present_name,
+)
 from qgraph.errors import QGraphError
 
 log = logging.getLogger(__name__)
@@ -54,14 +63,14 @@ class KVLayout:
         return self.shapes[0][1]
 
     def past_names(self) -> list[str]:
-        return [f"past_key_values.{i}.{kind}" for i in range(self.num_layers) for kind in ("key", "value")]
+        return [vanilla_past_name(i, kind) for i in range(self.num_layers) for kind in KV_KINDS]
 
     def present_names(self) -> list[str]:
-        return [f"present.{i}.{kind}" for i in range(self.num_layers) for kind in ("key", "value")]
+        return [vanilla_present_name(i, kind) for i in range(self.num_layers) for kind in KV_KINDS]
 
     def input_names(self) -> list[str]:
-        positions = ["position_ids"] if self.takes_positions else []
-        return ["input_ids", "attention_mask", *positions, *self.past_names()]
+        positions = [POSITION_IDS] if self.takes_positions else []
+        return [INPUT_IDS, ATTENTION_MASK, *positions, *self.past_names()]
 
 
 def _cache_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -69,7 +78,7 @@ def _cache_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def takes_position_ids(model: torch.nn.Module) -> bool:
-    return "position_ids" in inspect.signature(model.forward).parameters
+    return POSITION_IDS in inspect.signature(model.forward).parameters
 
 
 def probe_kv_layout(model: torch.nn.Module) -> KVLayout:
@@ -195,14 +204,14 @@ def export_vanilla(model: torch.nn.Module, opset: int = 20) -> ir.Model:
     layout = probe_kv_layout(model)
     batch, seq, past_seq, total_seq = Dim("batch"), Dim("seq_len"), Dim("past_seq_len"), Dim("total_seq_len")
     dynamic_shapes = {
-        "input_ids": {0: batch, 1: seq},
-        "attention_mask": {0: batch, 1: total_seq},
-        **({"position_ids": {0: batch, 1: seq}} if layout.takes_positions else {}),
+        INPUT_IDS: {0: batch, 1: seq},
+        ATTENTION_MASK: {0: batch, 1: total_seq},
+        **({POSITION_IDS: {0: batch, 1: seq}} if layout.takes_positions else {}),
         "past": tuple({0: batch, 2: past_seq} for _ in range(2 * layout.num_layers)),
     }
     names_in = layout.input_names()
     wrapper = FlatKVDecoder(model) if layout.takes_positions else FlatKVDecoderWithoutPositions(model)
-    names_out = ["logits", *layout.present_names()]
+    names_out = [LOGITS, *layout.present_names()]
     start = time.perf_counter()
     chatter = io.StringIO()
     try:

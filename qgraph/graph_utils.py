@@ -7,6 +7,8 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 import onnx_ir as ir
 
+from qgraph.domains import MS_DOMAIN  # noqa: F401 - re-exported: passes import it from here
+
 # Ops whose outputs carry facts about a tensor's shape, not its data.
 SHAPE_ONLY_OPS = frozenset({"Shape", "Size"})
 
@@ -52,6 +54,27 @@ def const_ints(value: ir.Value | None) -> list[int] | None:
     """The integers a constant value holds (an initializer or a ``Constant`` node's output), flattened; else None."""
     tensor = ir.convenience.get_const_tensor(value) if value is not None else None
     return None if tensor is None else [int(x) for x in np.asarray(tensor.numpy()).reshape(-1)]
+
+
+def scalar(value: ir.Value | None) -> float | None:
+    """The number a one-element constant holds (an initializer or a ``Constant`` node's output), else None."""
+    tensor = ir.convenience.get_const_tensor(value) if value is not None else None
+    if tensor is None or tensor.size != 1:
+        return None
+    return float(np.asarray(tensor.numpy()).reshape(-1)[0])
+
+
+def static_dim(shape: ir.Shape | None, index: int, rank: int | None = None) -> int | None:
+    """Dimension ``index`` of ``shape`` when it is a known integer (and the shape has ``rank``, if given), else None."""
+    if shape is None or (rank is not None and shape.rank() != rank) or not -shape.rank() <= index < shape.rank():
+        return None
+    dim = shape[index]
+    return dim if isinstance(dim, int) else None
+
+
+def onnx_opset(model: ir.Model) -> int:
+    """The model's standard ONNX opset version (imported as "" or "ai.onnx")."""
+    return model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
 
 
 def data_dependents(graph: ir.Graph, sources: Iterable[ir.Value]) -> set[ir.Value]:

@@ -8,25 +8,29 @@ keyword options, and counts of what it changed. ``run_pipeline`` applies a list 
 from __future__ import annotations
 
 import collections
-import json
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import onnx_ir as ir
 from onnx_ir.passes import InPlacePass, PassResult, PostconditionError, PreconditionError
 
 from qgraph.errors import GraphPatternError, QGraphError
+from qgraph.pipeline_spec import PassReport, PassSpec, parse_pipeline  # noqa: F401 - re-exported for plugins
 from qgraph.registry import Registry, pass_registry
 
 
 @dataclass
 class CountedResult(PassResult):
-    """``PassResult`` plus the pass's own counts, e.g. ``{"kv_scatters": 24}``."""
+    """``PassResult`` plus the pass's own counts, e.g. ``{"kv_scatters": 24}``, and why candidates were left alone.
+
+    ``misses``: one line per candidate the pass looked at and refused, with the reason (``"Softmax n_12: the scores'
+    keys are not ..."``); ``qgraph optimize --explain`` lists them.
+    """
 
     counts: dict[str, int] = field(default_factory=dict)
+    misses: list[str] = field(default_factory=list)
 
 
 class GraphPass(InPlacePass):
@@ -34,35 +38,17 @@ class GraphPass(InPlacePass):
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
+    # (domain, op_type) of the ops beyond standard ONNX this pass writes: the standard pipeline gives the pass only to
+    # targets that execute them (``Capabilities.executes``)
+    emits: ClassVar[frozenset[tuple[str, str]]] = frozenset()
+
+    @classmethod
+    def emitted(cls, options: Mapping[str, Any]) -> frozenset[tuple[str, str]]:
+        """What the pass writes when run with ``options`` (a pass whose options choose its output overrides this)."""
+        return cls.emits
 
     def result(self, model: ir.Model, **counts: int) -> CountedResult:
         return CountedResult(model, modified=any(counts.values()), counts=dict(counts))
-
-
-@dataclass(frozen=True)
-class PassSpec:
-    """One pipeline step: a registered pass name and its options."""
-
-    name: str
-    options: Mapping[str, Any] = field(default_factory=dict)
-
-    def key(self) -> str:
-        return json.dumps({"name": self.name, "options": dict(self.options)}, sort_keys=True, default=str)
-
-
-@dataclass
-class PassReport:
-    name: str
-    seconds: float
-    nodes_before: int
-    nodes_after: int
-    op_delta: dict[str, int]
-    counts: dict[str, int]
-    modified: bool
-    max_abs_diff: float | None = None  # filled when numeric verification was asked for
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def op_histogram(model: ir.Model) -> collections.Counter[str]:
@@ -71,33 +57,6 @@ def op_histogram(model: ir.Model) -> collections.Counter[str]:
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
         hist[f"{node.domain}::{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type] += 1
     return hist
-
-
-def parse_pipeline(text_or_path: str | Path) -> list[PassSpec]:
-    """``"a,b,c"`` or a JSON/YAML file: ``[{"name": "a", "options": {...}}, "b"]`` (or ``{"passes": [...]}``)."""
-    path = Path(text_or_path).expanduser()
-    if path.suffix in {".json", ".yaml", ".yml"}:
-        if not path.is_file():
-            raise QGraphError(f"pipeline file {path} does not exist")
-        import yaml  # YAML is a superset of JSON
-
-        try:
-            data = yaml.safe_load(path.read_text())
-        except (yaml.YAMLError, UnicodeDecodeError) as exc:
-            raise QGraphError(f"pipeline file {path} is not valid YAML/JSON: {' '.join(str(exc).split())}") from exc
-        items = data.get("passes", []) if isinstance(data, dict) else data
-        if not isinstance(items, list):
-            raise QGraphError(f"pipeline file {path} holds {type(items).__name__}; it must list passes: [a, b, ...]")
-        specs = []
-        for item in items:
-            if isinstance(item, str):
-                specs.append(PassSpec(item))
-            elif isinstance(item, dict) and "name" in item:
-                specs.append(PassSpec(item["name"], dict(item.get("options") or {})))
-            else:
-                raise QGraphError(f"pipeline file {path}: entry {item!r} is neither a name nor {{name, options}}")
-        return specs
-    return [PassSpec(n.strip()) for n in str(text_or_path).split(",") if n.strip()]
 
 
 def instantiate(spec: PassSpec, registry: Registry) -> GraphPass:
@@ -149,6 +108,7 @@ def run_pipeline(
             op_delta=delta,
             counts=dict(getattr(result, "counts", {})),
             modified=result.modified,
+            misses=list(getattr(result, "misses", [])),
         )
         if verify is not None and before_copy is not None:
             report.max_abs_diff = verify(before_copy, result.model)
@@ -156,8 +116,8 @@ def run_pipeline(
     return reports
 
 
-def format_reports(reports: list[PassReport]) -> str:
-    """A fixed-width table, one row per pass."""
+def format_reports(reports: list[PassReport], explain: bool = False) -> str:
+    """A fixed-width table, one row per pass; with ``explain``, each refused candidate and its reason below it."""
     lines = [f"{'pass':<24}{'time s':>8}{'nodes':>14}  counts / op delta"]
     for r in reports:
         counts = ", ".join(f"{k}={v}" for k, v in r.counts.items())
@@ -167,4 +127,6 @@ def format_reports(reports: list[PassReport]) -> str:
             f"{r.name:<24}{r.seconds:>8.2f}{r.nodes_before:>7}->{r.nodes_after:<6}  {counts}{diff}"
             + (f"\n{'':<48}{delta}" if delta else "")
         )
+        if explain:
+            lines += [f"{'':<4}not fused: {miss}" for miss in r.misses]
     return "\n".join(lines)

@@ -1,11 +1,13 @@
-"""Default pass pipelines, chosen from a backend's declared capabilities (data), never from its name."""
+"""Default pass pipelines, derived from what a target executes and what each pass writes; never from a name."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from qgraph.errors import QGraphError
-from qgraph.pass_manager import PassSpec
+from qgraph.pipeline_spec import PassSpec
+from qgraph.registry import Registry, pass_registry
 
 QUANTIZED_BITS = {"int8": 8, "int4": 4}  # weight-only precisions -> quantize-weights bits
 
@@ -13,19 +15,31 @@ if TYPE_CHECKING:
     from qgraph.backend_api import Capabilities, CompileOptions
 
 
-def standard_pipeline(capabilities: Capabilities, options: CompileOptions) -> list[PassSpec]:
-    """The passes that make a vanilla export ready for a target, each chosen from what the target declares.
+# RMSNorm lowerings every runtime may have, in order of preference; a backend's own come first (``offered``).
+BUILTIN_RMSNORM_LOWERINGS = ("ort-fused", "onnx-23")
+ORT_CONTRIB_DOMAIN = "com.microsoft"  # the Gelu form layernorm-gelu writes where the target has ORT's kernels
+
+
+def standard_pipeline(
+    capabilities: Capabilities,
+    options: CompileOptions,
+    offered: Sequence[Any] = (),
+    registry: Registry | None = None,
+) -> list[PassSpec]:
+    """The passes that make a vanilla export ready for a target, derived from what the target executes
+    (``capabilities``) and what each pass declares it writes (``GraphPass.emitted``): a pass that writes an op beyond
+    standard ONNX is given only to a target with a kernel for that op on the graph's activation type.
 
     - ``kv-retained-state`` for targets that keep the KV cache on the device (``retained_state``), then, with
       ``full_batch_size`` on a static-shape target (which cannot run one row of its buffers alone),
       ``kv-batch-index``: QEfficient's ``batch_index`` input selecting the KV slots a run uses;
-    - ``rmsnorm-fuse`` lowered as the target executes RMSNorm (``rmsnorm_lowering``; none for ``"decomposed"``);
-    - ``layernorm-gelu`` with ORT's fused Gelu kernels, then ``skip-norm`` (residual Add + norm as one kernel), where
-      the target executes the ``com.microsoft`` domain;
-    - for targets that run the graph as written (``graph_speedups``; a target with its own graph compiler fuses for
-      itself): ``grouped-query-matmul``, ``merge-parallel-matmuls``, ``shared-head-transpose`` (standard ops),
-      ``rotary-embedding`` where the target executes ``com.microsoft``, then ``group-query-attention`` (its fused
-      attention kernel, which updates the retained state itself) on retained-state targets;
+    - ``rmsnorm-fuse`` with the first lowering the target executes: those it ``offered`` (its own ops, e.g. a
+      function-backed custom op), then the built-in ones; none if it executes none;
+    - ``layernorm-gelu`` with ORT's Gelu kernels, then ``skip-norm`` (residual Add + norm as one kernel);
+    - for targets that run the graph node by node (``runs_node_by_node``; a compiling target fuses for itself):
+      ``grouped-query-matmul``, ``merge-parallel-matmuls``, ``shared-head-transpose`` (standard ops),
+      ``rotary-embedding``, then ``group-query-attention`` (a fused attention that updates the retained state itself)
+      on retained-state targets;
     - ``last-token-logits`` on retained-state targets: prefill projects only each row's last token on the vocabulary;
     - ``quantize-weights`` for ``precision`` ``"int8"`` / ``"int4"`` (weight-only, ``MatMulNBits``);
     - ``fp16-clip`` where the target computes in float16: asked for (``precision="float16"``), or a target without
@@ -42,22 +56,30 @@ def standard_pipeline(capabilities: Capabilities, options: CompileOptions) -> li
             f"precision {options.precision!r} is not supported by this backend; "
             f"it accepts: {', '.join(sorted(accepted))}"
         )
-    microsoft = "com.microsoft" in capabilities.domains
-    specs = []
+    registry = registry or pass_registry()
+    activations = "float16" if options.precision == "float16" else "float32"
+
+    def executable(name: str, **pass_options: Any) -> PassSpec | None:
+        """``PassSpec(name, pass_options)`` when the target executes every op the pass writes with those options."""
+        writes = registry.get(name).emitted(pass_options)
+        if all(capabilities.executes(domain, op, activations) for domain, op in writes):
+            return PassSpec(name, pass_options)
+        return None
+
+    specs: list[PassSpec | None] = []
     if capabilities.retained_state:
         specs.append(PassSpec("kv-retained-state", {"ctx_len": options.ctx_len}))
     if options.full_batch_size and capabilities.retained_state and capabilities.static_shapes:
         specs.append(PassSpec("kv-batch-index"))
-    if capabilities.rmsnorm_lowering != "decomposed":
-        specs.append(PassSpec("rmsnorm-fuse", {"lowering": capabilities.rmsnorm_lowering}))
-    if microsoft:
-        specs += [PassSpec("layernorm-gelu", {"gelu": "com.microsoft"}), PassSpec("skip-norm")]
-    if capabilities.graph_speedups:
+    lowerings = (executable("rmsnorm-fuse", lowering=lowering) for lowering in (*offered, *BUILTIN_RMSNORM_LOWERINGS))
+    specs += [next(filter(None, lowerings), None)]
+    specs += [executable("layernorm-gelu", gelu=ORT_CONTRIB_DOMAIN), executable("skip-norm")]
+    if capabilities.runs_node_by_node:
         specs += [PassSpec(n) for n in ("grouped-query-matmul", "merge-parallel-matmuls", "shared-head-transpose")]
-        if microsoft:
-            specs.append(PassSpec("rotary-embedding"))
-        if microsoft and capabilities.retained_state:
-            specs.append(PassSpec("group-query-attention"))
+        specs.append(executable("rotary-embedding"))
+        if capabilities.retained_state:
+            specs.append(executable("group-query-attention"))
+    specs = [s for s in specs if s is not None]  # the passes whose ops the target does not execute
     if capabilities.retained_state:
         specs.append(PassSpec("last-token-logits"))
     if options.precision in QUANTIZED_BITS:

@@ -1,4 +1,8 @@
-"""Progress messages for long steps (export, compile), with a heartbeat so a long step never looks hung."""
+"""Progress messages for long steps (export, compile), with a heartbeat so a long step never looks hung.
+
+This is the library's reporter for a user who asked for progress (``verbose``): it writes ``qgraph: ...`` lines to
+the stream it is given (stderr by default). Everything else the library says goes through ``logging``.
+"""
 
 from __future__ import annotations
 
@@ -18,12 +22,12 @@ def step(message: str, enabled: bool = True, heartbeat_s: float = 15.0, stream: 
         yield
         return
     start = time.perf_counter()
-    print(f"qgraph: {message} ...", file=out, flush=True)
+    _line(out, f"qgraph: {message} ...")
     done = threading.Event()
 
     def beat() -> None:
         while not done.wait(heartbeat_s):
-            print(f"qgraph:   ... {message}: {time.perf_counter() - start:.0f} s", file=out, flush=True)
+            _line(out, f"qgraph:   ... {message}: {time.perf_counter() - start:.0f} s")
 
     thread = threading.Thread(target=beat, daemon=True)
     thread.start()
@@ -32,4 +36,9 @@ def step(message: str, enabled: bool = True, heartbeat_s: float = 15.0, stream: 
     finally:
         done.set()
         thread.join()
-    print(f"qgraph: {message}: done in {time.perf_counter() - start:.1f} s", file=out, flush=True)
+    _line(out, f"qgraph: {message}: done in {time.perf_counter() - start:.1f} s")
+
+
+def _line(stream: TextIO, text: str) -> None:
+    stream.write(text + "\n")
+    stream.flush()

@@ -58,6 +58,15 @@ class Registry:
             raise UnknownNameError(self.kind, name, self.names())
         return self.entries[name].load()
 
+    def module_of(self, name: str) -> str:
+        """The module a plugin is defined in, read from its entry point without importing it (when it has one)."""
+        if name not in self.entries:
+            raise UnknownNameError(self.kind, name, self.names())
+        entry = self.entries[name]
+        if entry.source != "<added>":
+            return entry.source.partition(":")[0]
+        return entry.load().__module__
+
     def __contains__(self, name: str) -> bool:
         return name in self.entries
 

@@ -1,4 +1,4 @@
-"""Latency statistics, defined once (DESIGN.md) and printed the same way everywhere."""
+"""Latency statistics, defined once (docs/design.md, "Runtime and statistics") and printed the same way everywhere."""
 
 from __future__ import annotations
 

@@ -4,15 +4,14 @@
 own fusions cannot hide or cause a difference) on the same random inputs and returns the largest absolute difference
 over the outputs both graphs have. It has the signature ``run_pipeline(..., verify=...)`` expects.
 
-Inputs are chosen for decoder graphs (the vanilla and retained-state contracts of DESIGN.md): token ids inside the
-vocabulary, consistent past/total lengths, valid positions; any other input gets random data of its declared type
-with symbolic dimensions set to 2.
+Inputs are chosen for decoder graphs (the vanilla and retained-state contracts of ``qgraph.contract``): token ids
+inside the vocabulary, consistent past/total lengths, valid positions; any other input gets random data of its
+declared type with symbolic dimensions set to 2.
 """
 
 from __future__ import annotations
 
 import math
-import re
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -20,15 +19,16 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
+from qgraph import contract
+from qgraph.contract import ATTENTION_MASK, INPUT_IDS, POSITION_IDS
+
 # Over this many bytes of tensor data a model cannot be one protobuf message: go through a file with external data.
 _INLINE_LIMIT = 1 << 30
-_VANILLA_PAST = re.compile(r"^past_key_values\.\d+\.(key|value)$")
-_RETAINED_PAST = re.compile(r"^past_(key|value)\.\d+$")
 
 
 def _vocab_size(graph: ir.Graph) -> int | None:
     """Rows of the embedding table that ``input_ids`` indexes (the first Gather reading it), if known."""
-    ids = next((v for v in graph.inputs if v.name == "input_ids"), None)
+    ids = next((v for v in graph.inputs if v.name == INPUT_IDS), None)
     if ids is None:
         return None
     for node, index in ids.uses():
@@ -45,11 +45,11 @@ def random_feeds(
     """Random inputs of the declared types for every graph input, consistent for decoder graphs."""
     rng = np.random.default_rng(seed)
     graph = model.graph
-    names = [v.name or "" for v in graph.inputs]
-    retained = any(_RETAINED_PAST.match(n) for n in names)
+    pairs = contract.kv_pairs(graph)
+    retained = bool(pairs)
     if retained:  # the buffers' fixed length bounds the positions
         ctx = min(
-            (v.shape[2] for v in graph.inputs if _RETAINED_PAST.match(v.name or "") and isinstance(v.shape[2], int)),
+            (p.input.shape[2] for p in pairs if isinstance(p.input.shape[2], int)),
             default=seq_len + past_len,
         )
         seq_len = min(seq_len, ctx)
@@ -59,12 +59,12 @@ def random_feeds(
         name = value.name or ""
         dtype = value.dtype.numpy() if value.dtype is not None else np.float32
         dims = list(value.shape.dims) if value.shape is not None else []
-        if name == "input_ids":
+        if name == INPUT_IDS:
             array = rng.integers(0, vocab, size=(batch, seq_len))
-        elif name == "position_ids":
+        elif name == POSITION_IDS:
             start = 0 if retained else past_len
             array = np.broadcast_to(np.arange(start, start + seq_len), (batch, seq_len))
-        elif name == "attention_mask":
+        elif name == ATTENTION_MASK:
             array = np.ones((batch, past_len + seq_len))
         else:
             shape = []
@@ -73,7 +73,7 @@ def random_feeds(
                     shape.append(dim)
                 elif axis == 0:
                     shape.append(batch)
-                elif axis == 2 and _VANILLA_PAST.match(name):
+                elif axis == 2 and contract.vanilla_past(name):
                     shape.append(past_len)
                 else:
                     shape.append(2)
@@ -200,7 +200,7 @@ def rule_misses(model: ir.Model, rule_sets: Iterable) -> list[str]:
     Nothing is rewritten (onnxscript's matching tracer is used). Shapes like ``"RMSNorm[weight] at node_mul_3:
     weight shape [64, 64] is not [hidden]: this Mul is not a norm weight"``.
     """
-    from onnxscript.rewriter._basics import MatchingTracer, MatchStatus
+    from qgraph.onnxscript_compat import MatchingTracer, MatchStatus
 
     misses: dict[str, None] = {}
 

@@ -114,3 +114,21 @@ def test_an_edited_helper_beside_a_pass_gets_a_new_artifact(tmp_path, monkeypatc
     before = key()
     (package / "helpers.py").write_text("SCALE = 2\n")
     assert key() != before
+
+
+def test_the_derived_pipeline_is_remembered_and_equals_the_backends(tmp_path, monkeypatch):
+    """Deriving a pipeline imports every pass; a cached compile reads it back instead, and gets the same one."""
+    from qgraph.backend_api import CompileOptions
+    from qgraph.compiler import default_pipeline, get_backend
+
+    backend = get_backend("ort")
+    for precision in ("float32", "int4"):
+        options = CompileOptions(precision=precision)
+        derived = backend.pipeline(options)
+        assert default_pipeline(backend, options, tmp_path) == derived
+        monkeypatch.setattr(type(backend), "pipeline", lambda self, o: pytest.fail("derived again"))
+        assert default_pipeline(backend, options, tmp_path) == derived
+        monkeypatch.undo()
+    ai100 = get_backend("ai100")  # its pipeline carries an object option (its own RMSNorm lowering): never stored
+    assert default_pipeline(ai100, CompileOptions(), tmp_path) == ai100.pipeline(CompileOptions())
+    assert not list((tmp_path / "pipelines").glob("ai100-*"))

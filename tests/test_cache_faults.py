@@ -123,6 +123,16 @@ def test_damage_that_kept_size_and_mtime_is_found_by_verify(cache, gpt2_dir, tok
     assert_cache_sound(cache)
 
 
+def test_an_artifact_damaged_after_compile_is_refused_at_load_then_rebuilt(cache, gpt2_dir, tokenizer, expected):
+    model = QEFFAutoModelForCausalLM.from_pretrained(str(gpt2_dir), cache_dir=cache, verbose=False)
+    model.compile(**COMPILE)
+    (model.artifact.directory / "ort_settings.json").unlink()
+    with pytest.raises(CacheError, match=r"changed after compile.*ort_settings.json is missing.*compile"):
+        model.generate(tokenizer, [PROMPT], generation_len=NEW_TOKENS, verbose=False)
+    model.compile(**COMPILE)
+    assert model.generate(tokenizer, [PROMPT], generation_len=NEW_TOKENS, verbose=False).generated_ids[0] == expected
+
+
 def test_a_copied_cache_verifies_once_and_records_the_new_mtimes(cache):
     directory = entry(cache, "compiled")
     os.utime(directory / "model.onnx.data")  # a copy without -p: new mtimes, same bytes
@@ -263,11 +273,11 @@ def test_a_read_only_cache_without_the_artifact_says_what_to_do(cache, gpt2_dir,
 
 
 def test_a_full_disk_fails_with_one_clear_error_and_leaves_nothing(cache, gpt2_dir, tokenizer, expected):
-    shutil.rmtree(cache)
+    shutil.rmtree(cache / "compiled")  # the compile must write (an export's publish is the same code)
     with unwritable(cache, errno.ENOSPC):
         with pytest.raises(CacheError, match=r"disk is full.*cache_dir"):
             normal_run(gpt2_dir, cache, tokenizer)
-    assert [p for p in cache.rglob("*") if p.is_file()] == []
+    assert [p for p in (cache / "compiled").rglob("*")] == []
     assert normal_run(gpt2_dir, cache, tokenizer) == expected
     assert_cache_sound(cache)
 

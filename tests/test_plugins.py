@@ -72,8 +72,8 @@ def test_cli_lists_plugins_beside_builtins(toy_installed, capsys):
     assert main(["backends"]) == 0
     lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
     assert {"ort", "ai100", "toy"} <= set(lines)
-    assert f"[{TOY_DIST}]" in lines["toy"] and "rmsnorm_lowering=decomposed" in lines["toy"]
-    assert "[qgraph]" in lines["ai100"] and "static_shapes=True" in lines["ai100"]
+    assert f"[{TOY_DIST}]" in lines["toy"] and "kernels=[]" in lines["toy"]
+    assert "[qgraph]" in lines["ai100"] and "com.qti.aisw.onnx::CustomRMSNorm[float16,float32]" in lines["ai100"]
     assert main(["passes"]) == 0
     lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
     assert f"[{TOY_DIST}]" in lines["pow2-to-mul"] and "Pow(x, 2)" in lines["pow2-to-mul"]

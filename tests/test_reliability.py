@@ -55,6 +55,10 @@ def assert_nothing_exported(model) -> None:
         ({"ctx_len": 64.0}, "ctx_len must be an int"),
         ({"batch_size": True}, "batch_size must be an int"),
         ({"num_cores": 0}, "num_cores must be >= 1"),
+        ({"backend": "ai100", "precision": "float16", "num_devices": "2"}, "num_devices must be a positive integer"),
+        ({"backend": "ai100", "precision": "float16", "mos": 1.5}, "mos must be a positive integer"),
+        ({"backend": "ai100", "precision": "float16", "mxfp6_matmul": "yes"}, "mxfp6_matmul"),
+        ({"backend": "ai100", "precision": "float16", "device_ids": [0, 1]}, "device_ids lists 2 card"),
     ],
 )
 def test_a_bad_compile_request_is_refused_before_the_export(fresh, options, message):
@@ -104,6 +108,8 @@ def test_the_retained_state_pass_takes_the_compiles_ctx_len(tiny_gpt2, tmp_path)
         (["ok", "bad \udfff"], "prompt 1 is not valid text"),
         ("", "prompt 0 encodes to no tokens"),
         (b"my name", "must be a string or a list of strings"),
+        (None, "give either prompts"),
+        ([], "non-empty list"),
     ],
 )
 def test_a_bad_prompt_is_one_clear_error(tiny_gpt2, tokenizer, prompts, message):

@@ -1,4 +1,4 @@
-"""The target-ready graph keeps the retained-state contract of DESIGN.md."""
+"""The target-ready graph keeps the retained-state contract (qgraph.contract, docs/design.md)."""
 
 from __future__ import annotations
 

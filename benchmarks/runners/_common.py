@@ -46,7 +46,7 @@ def peak_rss_mb() -> float:
 
 
 def run_stats(t_start: float, t_first: float, t_end: float, prompt_tokens: int, batch: int, new_tokens: int) -> dict:
-    """The DESIGN.md statistics from three timestamps (same definitions for every peer)."""
+    """The statistics of docs/design.md from three timestamps (same definitions for every peer)."""
     ttft = t_first - t_start
     decode = t_end - t_first
     steps = new_tokens - 1

@@ -19,6 +19,7 @@ import yaml
 from qgraph.backend_api import CompileOptions
 from qgraph.backends.ai100 import STANDARD_COMPILERS, AI100Backend, find_compiler
 from qgraph.backends.ai100_bundle import BundleSettings, compile_command, option_flag
+from qgraph.backends.ai100_rmsnorm import CUSTOM_RMSNORM
 from qgraph.backends.ort import OrtDecoderSession
 from qgraph.cli import main
 from qgraph.errors import BackendUnavailableError, QGraphError
@@ -225,10 +226,10 @@ def test_an_unchanged_request_reuses_the_bundle_and_a_changed_one_does_not(bundl
 def test_the_pipeline_is_chosen_from_the_capabilities(bundle):
     backend = AI100Backend()
     options = CompileOptions(prefill_seq_len=PREFILL, ctx_len=CTX, batch_size=BATCH)
-    assert backend.pipeline(options) == standard_pipeline(backend.capabilities, options)
+    assert backend.pipeline(options) == standard_pipeline(backend.capabilities, options, offered=[CUSTOM_RMSNORM])
     assert not {"float32"} & backend.capabilities.dtypes  # computes in fp16: the pipeline clips constants
-    assert backend.capabilities.rmsnorm_lowering == "function"
-    assert backend.capabilities.static_shapes and backend.capabilities.retained_state
+    assert backend.capabilities.executes("com.qti.aisw.onnx", "CustomRMSNorm")
+    assert backend.capabilities.retained_state and not backend.capabilities.runs_node_by_node
     reports = json.loads((bundle("llama") / "passes.json").read_text())
     assert [r["name"] for r in reports] == [s.name for s in backend.pipeline(options)]
 

@@ -3,12 +3,14 @@ graph allows it, and gives exactly the tokens of the two-buffer ping-pong it rep
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
 
 from qgraph import QEFFAutoModelForCausalLM
-from qgraph.backends.ort import _graph_structure, _state_updated_in_place
+from qgraph.backends.ort import graph_facts
 from qgraph.errors import QGraphError
 from qgraph.runtime import greedy_generate
 from tests.parity import LONG_PROMPT, MY_NAME
@@ -62,9 +64,14 @@ def test_a_second_reader_of_a_buffer_forbids_sharing(compiled, tmp_path):
     model.graph.output.append(onnx.helper.make_tensor_value_info("extra_reader", onnx.TensorProto.FLOAT, None))
     path = tmp_path / "two_readers.onnx"
     onnx.save(model, str(path))
-    states = [i.name for i in model.graph.input if i.name.startswith("past_")]
-    assert _state_updated_in_place(_graph_structure(compiled.onnx_path), states)
-    assert not _state_updated_in_place(_graph_structure(path), states)
+    assert graph_facts(compiled.onnx_path)["in_place"]
+    assert not graph_facts(path)["in_place"]
+
+
+def test_the_graph_facts_are_recorded_at_compile(compiled):
+    """Loading reads them from the settings instead of parsing the graph again (which costs the memory of onnx)."""
+    settings = json.loads((compiled.artifact.directory / "ort_settings.json").read_text())
+    assert settings["graph"] == graph_facts(compiled.onnx_path)
 
 
 def test_a_position_outside_the_buffers_is_refused_not_clamped(compiled):

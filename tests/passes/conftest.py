@@ -130,6 +130,28 @@ def parse(text: str, **initializers: np.ndarray) -> ir.Model:
     return ir.from_proto(proto)
 
 
+def parse_edited(text: str, edits=(), renames=None) -> ir.Model:
+    """``parse(text)`` after each ``(old, new)`` text edit (``old`` must occur); then graph inputs and outputs renamed
+    by ``renames`` (ONNX text allows no dots in names, the contract's buffer names have them)."""
+    for old, new in edits:
+        assert old in text, old
+        text = text.replace(old, new)
+    model = parse(text)
+    for value in [*model.graph.inputs, *model.graph.outputs]:
+        value.name = (renames or {}).get(value.name, value.name)
+    return model
+
+
+def assert_refused(graph_pass, model: ir.Model, candidate: str, reason: str):
+    """Run ``graph_pass``: one candidate (a ``candidate`` node) refused with ``reason`` in its miss, graph unchanged."""
+    hist = op_histogram(model)
+    result = graph_pass(model)
+    [miss] = result.misses
+    assert miss.startswith(f"{candidate} ") and reason in miss, miss
+    assert op_histogram(model) == hist and not result.modified
+    return result
+
+
 def copy(model: ir.Model) -> ir.Model:
     """An independent graph sharing the (immutable) tensors, external data included."""
     return model.clone()

@@ -8,7 +8,8 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from qgraph.pass_manager import PassSpec, op_histogram, run_pipeline
-from tests.passes.conftest import N_LAYERS
+from qgraph.passes.merge_parallel_matmuls import MergeParallelMatMuls
+from tests.passes.conftest import N_LAYERS, run_twice
 
 
 def _outputs(model: ir.Model, tmp_path, name: str) -> list[np.ndarray]:
@@ -49,7 +50,4 @@ def test_quantizing_after_merging_quantizes_the_merged_weights(retained_model):
 
 def test_idempotent(retained_model):
     model = retained_model("llama")
-    run_pipeline(model, [PassSpec("merge-parallel-matmuls")])
-    hist = op_histogram(model)
-    [again] = run_pipeline(model, [PassSpec("merge-parallel-matmuls")])
-    assert again.counts["groups"] == 0 and op_histogram(model) == hist
+    assert run_twice(MergeParallelMatMuls(), model).counts["groups"] > 0

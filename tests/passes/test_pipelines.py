@@ -2,35 +2,41 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
-from qgraph.backend_api import Capabilities, CompileOptions
+from qgraph.backend_api import Capabilities, CompileOptions, Kernel
+from qgraph.backends.ai100_rmsnorm import CUSTOM_RMSNORM
 from qgraph.errors import QGraphError
 from qgraph.pipelines import standard_pipeline
 
+FLOATS = frozenset({"float32", "float16"})
+ORT_KERNELS = frozenset(
+    {Kernel("", "SimplifiedLayerNormalization", FLOATS)}
+    | {
+        Kernel("com.microsoft", op, FLOATS)
+        for op in ("FastGelu", "Gelu", "SkipLayerNormalization", "SkipSimplifiedLayerNormalization")
+        + ("RotaryEmbedding", "GroupQueryAttention", "MatMulNBits", "GatherBlockQuantized")
+    }
+)
 ORT_LIKE = Capabilities(
-    static_shapes=False,
     retained_state=True,
-    rmsnorm_lowering="ort-fused",
     dtypes=frozenset({"float32", "float16", "int8", "int4"}),
-    domains=frozenset({"", "com.microsoft"}),
-    graph_speedups=True,
+    kernels=ORT_KERNELS,
+    runs_node_by_node=True,
 )
 AI100_LIKE = Capabilities(
-    static_shapes=True,
     retained_state=True,
-    rmsnorm_lowering="function",
+    static_shapes=True,
     dtypes=frozenset({"float16", "mxfp6"}),
-    domains=frozenset({"", "com.qti.aisw.onnx"}),
-    custom_functions=frozenset({"CustomRMSNorm"}),
+    kernels=frozenset({Kernel(*CUSTOM_RMSNORM.op, FLOATS)}),
 )
-PLAIN = Capabilities(
-    static_shapes=False, retained_state=False, rmsnorm_lowering="decomposed", dtypes=frozenset({"float32"})
-)
+PLAIN = Capabilities(retained_state=False, dtypes=frozenset({"float32"}))
 
 
-def _names(capabilities, **options):
-    return [(s.name, dict(s.options)) for s in standard_pipeline(capabilities, CompileOptions(**options))]
+def _names(capabilities, offered=(), **options):
+    return [(s.name, dict(s.options)) for s in standard_pipeline(capabilities, CompileOptions(**options), offered)]
 
 
 def test_ort_like_target_gets_its_fused_kernels_and_the_speed_rewrites():
@@ -66,9 +72,9 @@ def test_float16_on_a_target_that_runs_the_graphs_types_clips_and_converts():
     assert names[-3:] == ["fp16-clip", "fp16-convert", "cleanup"]
 
 
-def test_a_float16_only_target_gets_a_clipped_float32_graph_and_the_function_rmsnorm():
-    names = _names(AI100_LIKE)
-    assert ("rmsnorm-fuse", {"lowering": "function"}) in names
+def test_a_float16_only_target_gets_a_clipped_float32_graph_and_the_rmsnorm_it_offers():
+    names = _names(AI100_LIKE, offered=[CUSTOM_RMSNORM])
+    assert ("rmsnorm-fuse", {"lowering": CUSTOM_RMSNORM}) in names
     # a target with its own graph compiler gets no speed rewrites (it fuses for itself), only the contract passes
     assert [n for n, _ in names] == ["kv-retained-state", "rmsnorm-fuse", "last-token-logits", "fp16-clip", "cleanup"]
 
@@ -95,3 +101,68 @@ def test_ort_fuses_attention_only_where_its_first_provider_has_the_kernel(provid
     options = CompileOptions(precision=precision, extra=extra)
     names = [s.name for s in OrtBackend().pipeline(options)]
     assert ("group-query-attention" in names) == fused
+
+
+def test_a_pass_is_given_only_to_targets_that_execute_what_it_writes():
+    without_rotary = dataclasses.replace(
+        ORT_LIKE, kernels=frozenset(k for k in ORT_KERNELS if k.op_type != "RotaryEmbedding")
+    )
+    names = [n for n, _ in _names(without_rotary)]
+    assert "rotary-embedding" not in names and "group-query-attention" in names
+    float32_gqa_only = dataclasses.replace(
+        ORT_LIKE,
+        kernels=frozenset(k for k in ORT_KERNELS if k.op_type != "GroupQueryAttention")
+        | {Kernel("com.microsoft", "GroupQueryAttention", frozenset({"float32"}))},
+    )
+    assert "group-query-attention" in [n for n, _ in _names(float32_gqa_only)]
+    assert "group-query-attention" not in [n for n, _ in _names(float32_gqa_only, precision="float16")]
+
+
+def test_an_offered_lowering_the_target_does_not_execute_is_passed_over():
+    assert ("rmsnorm-fuse", {"lowering": "ort-fused"}) in _names(ORT_LIKE, offered=[CUSTOM_RMSNORM])
+
+
+def test_capabilities_are_facts_no_field_names_a_pass_or_a_policy():
+    from qgraph.registry import pass_registry
+
+    fields = {f.name for f in dataclasses.fields(Capabilities)}
+    assert fields == {
+        "retained_state",
+        "dtypes",
+        "kernels",
+        "runs_node_by_node",
+        "static_shapes",
+        "continuous_batching",
+    }
+    words = [name.replace("-", "_") for name in pass_registry().names()] + ["rmsnorm", "lowering", "speedups"]
+    assert not [(f, w) for f in fields for w in words if w in f]
+
+
+@pytest.mark.parametrize("backend_name", ["ort", "ai100"])
+def test_no_backend_edits_the_standard_pipeline_by_pass_name(backend_name):
+    """A built-in backend's pipeline is the standard one for its capabilities: nothing removed or added by name."""
+    import inspect
+
+    from qgraph.registry import backend_registry
+
+    backend = backend_registry().get(backend_name)
+    source = inspect.getsource(inspect.getmodule(backend))
+    assert ".name !=" not in source and ".name ==" not in source
+    names = [s.name for s in backend().pipeline(CompileOptions())]
+    assert names == [s.name for s in standard_pipeline(backend.capabilities, CompileOptions(), [CUSTOM_RMSNORM])]
+
+
+def test_passes_name_no_qualcomm_specific_op_domain_or_tool():
+    """Target-specific lowerings live with their target: the CustomRMSNorm function is in the AI100 package."""
+    from pathlib import Path
+
+    import qgraph.passes
+
+    names = ("qti", "qualcomm", "ai100", "ai 100", "customrmsnorm", "qaic", "qpc")
+    found = {
+        path.name: word
+        for path in Path(qgraph.passes.__path__[0]).rglob("*.py")
+        for word in names
+        if word in path.read_text().lower()
+    }
+    assert found == {}

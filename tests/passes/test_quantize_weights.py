@@ -3,6 +3,8 @@ logits stay close, the pass is idempotent, and greedy decoding through the ORT b
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
@@ -12,6 +14,7 @@ from qgraph import QEFFAutoModelForCausalLM
 from qgraph.pass_manager import PassSpec, op_histogram, run_pipeline
 from qgraph.passes.quantize_weights import QuantizeWeights
 from tests.parity import MY_NAME
+from tests.passes.conftest import run_twice
 
 # Linear layers of the tiny models (tests/tiny_models.py): GPT-2 has c_attn, c_proj, c_fc, mlp.c_proj per layer plus
 # the tied LM head (MatMul over Transpose(wte)); Llama has q, k, v, o, gate, up, down per layer plus lm_head.
@@ -114,10 +117,7 @@ def test_int8_keeps_tiny_model_logits_close(retained_model, tmp_path, arch):
 
 def test_idempotent(retained_model):
     model = retained_model("gpt2")
-    run_pipeline(model, [PassSpec("quantize-weights", {"min_elements": 0})])
-    nodes = model.graph.num_nodes()
-    [again] = run_pipeline(model, [PassSpec("quantize-weights", {"min_elements": 0})])
-    assert again.counts["quantized"] == 0 and model.graph.num_nodes() == nodes
+    assert run_twice(QuantizeWeights(min_elements=0), model).counts["quantized"] > 0
 
 
 def test_small_weights_are_skipped_by_default(retained_model):
@@ -200,3 +200,63 @@ def test_unnamed_matmuls_give_a_loadable_graph(tmp_path):
     ir.save(model, path)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert [o.shape for o in session.run(None, {"x": np.ones((1, 64), np.float32)})] == [(1, 64), (1, 64)]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_embedding_tables_become_8_bit_gathers(retained_model, tmp_path, arch):
+    """Token (and GPT-2's position) tables are read as 8-bit blocks; rows come back within half a step."""
+    reference = _logits(retained_model(arch), tmp_path, "fp32")
+    model = retained_model(arch)
+    tables = [
+        n.inputs[0].const_value.numpy() for n in model.graph if n.op_type == "Gather" and n.inputs[0].is_initializer()
+    ]
+    [report] = run_pipeline(
+        model, [PassSpec("quantize-weights", {"bits": 8, "accuracy_level": 0, "min_elements": 0, "embedding_bits": 8})]
+    )
+    assert report.counts["embeddings_quantized"] == len(tables) >= 1
+    hist = op_histogram(model)
+    assert hist["com.microsoft::GatherBlockQuantized"] == len(tables)
+    float_tables = [n for n in model.graph if n.op_type == "Gather" and n.inputs[0].is_initializer()]
+    assert not [n for n in float_tables if n.inputs[0].const_value.dtype == ir.DataType.FLOAT]
+    quantized = _logits(model, tmp_path, "int8")
+    assert np.abs(quantized - reference).max() / np.abs(reference).max() < 0.05
+
+
+def test_embedding_tables_stay_float_by_default(retained_model):
+    model = retained_model("llama")
+    [report] = run_pipeline(model, [PassSpec("quantize-weights", {"min_elements": 0})])
+    assert report.counts["embeddings_quantized"] == 0
+    assert op_histogram(model)["com.microsoft::GatherBlockQuantized"] == 0
+
+
+def test_gathered_rows_match_the_table_within_half_a_step(tmp_path):
+    rng = np.random.default_rng(0)
+    table = rng.normal(0, 0.05, (200, 64)).astype(np.float32)
+    ids = ir.Value(name="ids", shape=ir.Shape([1, 5]), type=ir.TensorType(ir.DataType.INT64))
+    data = ir.Value(name="table", shape=ir.Shape(table.shape), type=ir.TensorType(ir.DataType.FLOAT))
+    data.const_value = ir.tensor(table, name="table")
+    gather = ir.node("Gather", [data, ids])
+    gather.outputs[0].name, gather.outputs[0].type = "rows", ir.TensorType(ir.DataType.FLOAT)
+    graph = ir.Graph([ids], gather.outputs, nodes=[gather], initializers=[data], opset_imports={"": 20})
+    model = ir.Model(graph, ir_version=10)
+    assert QuantizeWeights(min_elements=0, embedding_bits=8)(model).counts["embeddings_quantized"] == 1
+    ir.save(model, tmp_path / "g.onnx")
+    picked = np.array([[0, 3, 77, 150, 199]], np.int64)
+    rows = ort.InferenceSession(str(tmp_path / "g.onnx")).run(None, {"ids": picked})[0]
+    blocks = table.reshape(200, 2, 32)
+    half_step = ((blocks.max(-1) - blocks.min(-1)) / 255 / 2).repeat(32, axis=1)
+    assert (np.abs(rows - table[picked]) <= half_step[picked] + 1e-6).all()
+
+
+def test_quantizing_leaves_the_callers_logging_alone():
+    """ORT's quantizer module configures the root logger at INFO on import; the pass must not pass that on.
+    (In a fresh process: under pytest the root logger already has handlers, which makes basicConfig a no-op.)"""
+    import subprocess
+    import sys
+
+    code = (
+        "import logging; from qgraph.passes.quantize_weights import _ort_quantizer; _ort_quantizer(); "
+        "root = logging.getLogger(); print(len(root.handlers), root.level)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["0", str(logging.WARNING)]

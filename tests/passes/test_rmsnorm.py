@@ -7,10 +7,19 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
+from qgraph.backends.ai100_rmsnorm import CUSTOM_RMSNORM
 from qgraph.pass_manager import PassSpec, op_histogram, run_pipeline
-from qgraph.passes.rmsnorm import AI100_DOMAIN, AI100_FUNCTION, RMSNormFusion
+from qgraph.passes.rmsnorm import RMSNormFusion
 from qgraph.verify import max_abs_diff_on_ort
 from tests.passes.conftest import N_LAYERS, copy, parse, run_twice
+
+AI100_DOMAIN, AI100_FUNCTION = CUSTOM_RMSNORM.op  # the function lowering a backend offers (Cloud AI 100's)
+
+
+def lowered(name: str):
+    """The pass's ``lowering`` for a test parameter: ``"function"`` is the backend's FunctionLowering."""
+    return CUSTOM_RMSNORM if name == "function" else name
+
 
 HEADER = '<ir_version: 10, opset_import: ["" : 20]>'
 W = np.linspace(0.5, 1.5, 8).astype(np.float32)
@@ -124,7 +133,7 @@ def _reference(x: np.ndarray, name: str) -> np.ndarray:
 def test_every_variant_fuses_to_one_op_with_equal_outputs(name, lowering):
     model = _variant(VARIANTS[name])
     before = copy(model)
-    result = run_twice(RMSNormFusion(lowering), model)
+    result = run_twice(RMSNormFusion(lowered(lowering)), model)
     assert result.counts["fused"] == 1
     hist = op_histogram(model)
     target = {
@@ -147,7 +156,7 @@ def test_every_variant_fuses_to_one_op_with_equal_outputs(name, lowering):
 
 def test_custom_rmsnorm_is_a_model_local_function_with_an_epsilon_attribute():
     model = _variant(VARIANTS["dynamo (Pow, Reciprocal, weight first)"])
-    RMSNormFusion("function")(model)
+    RMSNormFusion(CUSTOM_RMSNORM)(model)
     [node] = [n for n in model.graph if n.op_type == AI100_FUNCTION]
     assert node.domain == AI100_DOMAIN and node.attributes["epsilon"].as_float() == pytest.approx(1e-6)
     assert model.opset_imports[AI100_DOMAIN] == 1
@@ -219,7 +228,7 @@ def test_every_norm_of_a_torchscript_export_fuses(torchscript_model, lowering):
     """Cast to float32 around each norm, Div(1, sqrt), ReduceMean axes as an attribute (opset 17), untyped values."""
     model = torchscript_model("llama", 17)
     before = copy(model)
-    graph_pass = RMSNormFusion(lowering)
+    graph_pass = RMSNormFusion(lowered(lowering))
     assert run_twice(graph_pass, model).counts["fused"] == 2 * N_LAYERS + 1
     assert not {"Pow", "ReduceMean"} & {n.op_type for n in model.graph}, graph_pass.near_misses
     assert max_abs_diff_on_ort(before, model) < 1e-4
@@ -229,7 +238,7 @@ def test_a_fused_graph_is_relowered_for_another_backend(vanilla_model):
     model = vanilla_model("llama")
     before = copy(model)
     RMSNormFusion("ort-fused")(model)
-    result = run_twice(RMSNormFusion("function"), model)
+    result = run_twice(RMSNormFusion(CUSTOM_RMSNORM), model)
     assert result.counts == {"fused": 0, "converted": 2 * N_LAYERS + 1}
     hist = op_histogram(model)
     assert hist[f"{AI100_DOMAIN}::{AI100_FUNCTION}"] == 2 * N_LAYERS + 1 and not hist["SimplifiedLayerNormalization"]
@@ -244,7 +253,7 @@ def test_a_fused_graph_is_relowered_for_another_backend(vanilla_model):
 def test_one_layer_decoder_is_numerically_unchanged(one_layer_model, lowering):
     model = one_layer_model("llama")
     before = copy(model)
-    assert run_twice(RMSNormFusion(lowering), model).counts["fused"] == 3  # two norms in the layer, one final
+    assert run_twice(RMSNormFusion(lowered(lowering)), model).counts["fused"] == 3  # two norms in the layer, one final
     assert max_abs_diff_on_ort(before, model) < 1e-4
 
 
