@@ -1,11 +1,11 @@
 """Throughput of continuous batching against one request at a time and static batches, on the same requests.
 
-    python -m benchmarks.engine_throughput                      # SmolLM2-135M float32 and int4, ~10 min on 2 cores
-    python -m benchmarks.engine_throughput --precisions float32 --repeats 1
+    python -m benchmarks.engine_throughput                      # SmolLM2-135M float32 and int4, ~20 min on 2 cores
+    python -m benchmarks.engine_throughput --precisions float32 --repeats 1 --prompt-lens 16-96 --new-tokens 16-128
 
-32 requests of mixed prompt lengths (16-96 tokens, 1-3 prefill chunks of 32) and mixed new-token counts (16-128;
-EOS ignored, so every mode generates the same tokens) run three ways over ONE compiled ORT session (the session is
-batch-agnostic; only the scheduling differs):
+32 requests of mixed prompt lengths (default 16-64 tokens: 1-2 prefill chunks of 32) and mixed new-token counts
+(default 16-240; EOS ignored, so every mode generates the same tokens) run three ways over ONE compiled ORT session
+(the session is batch-agnostic; only the scheduling differs):
 
 - ``one-at-a-time``: the static runtime with batch 1, request after request;
 - ``static-8``: the static runtime in groups of 8 (a group waits for its longest request);
@@ -33,17 +33,17 @@ from qgraph.runtime import run_static
 SMOLLM2 = Path("~/.cache/qgraph/weights/smollm2-135m-instruct-hf").expanduser()
 TEXT_SOURCE = Path("/usr/share/common-licenses/GPL-3")  # English text to cut prompts from (Debian ships it)
 RESULTS = Path(__file__).parent / "results"
-N_REQUESTS, SLOTS, PREFILL, CTX_LEN = 32, 8, 32, 256
+N_REQUESTS, SLOTS, PREFILL = 32, 8, 32
 
 
-def workload(tokenizer, n: int = N_REQUESTS) -> list[tuple[list[int], int]]:
-    """(prompt ids, new tokens) per request: lengths spread over 16..96 and 16..128, in a fixed shuffled order."""
+def workload(tokenizer, prompt_lens: tuple[int, int], new_tokens: tuple[int, int], n: int = N_REQUESTS):
+    """(prompt ids, new tokens) per request, both spread evenly over their ranges in a fixed scrambled order."""
     ids = tokenizer(TEXT_SOURCE.read_text())["input_ids"]
     out = []
     for i in range(n):
-        length = 16 + (i * 37) % 81
-        new_tokens = 16 + (i * 53) % 113
-        out.append((ids[i * 97 : i * 97 + length], new_tokens))
+        length = prompt_lens[0] + (i * 37) % (prompt_lens[1] - prompt_lens[0] + 1)
+        count = new_tokens[0] + (i * 53) % (new_tokens[1] - new_tokens[0] + 1)
+        out.append((ids[i * 97 : i * 97 + length], count))
     return out
 
 
@@ -74,16 +74,17 @@ def run_mode(mode: str, session, work) -> tuple[float, list[list[int]]]:
 MODES = ("one-at-a-time", "static-8", "engine-8")
 
 
-def bench_precision(precision: str, repeats: int) -> dict:
+def bench_precision(precision: str, repeats: int, prompt_lens, new_tokens) -> dict:
     from transformers import AutoTokenizer
 
     from qgraph import QEFFAutoModelForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(SMOLLM2)
     model = QEFFAutoModelForCausalLM.from_pretrained(str(SMOLLM2), verbose=False)
-    model.compile(prefill_seq_len=PREFILL, ctx_len=CTX_LEN, precision=precision)
+    ctx_len = 64 * -(-(prompt_lens[1] + new_tokens[1]) // 64)
+    model.compile(prefill_seq_len=PREFILL, ctx_len=ctx_len, precision=precision)
     session = model.artifact.load()
-    work = workload(tokenizer)
+    work = workload(tokenizer, prompt_lens, new_tokens)
     tokens = sum(n for _, n in work)
     run_mode("engine-8", session, work[:8])  # warm-up: both batch shapes, both code paths
     run_mode("one-at-a-time", session, work[:1])
@@ -97,6 +98,9 @@ def bench_precision(precision: str, repeats: int) -> dict:
     median = {m: statistics.median(s) for m, s in seconds.items()}
     return {
         "precision": precision,
+        "ctx_len": ctx_len,
+        "prompt_lens": list(prompt_lens),
+        "new_tokens": list(new_tokens),
         "generated_tokens": tokens,
         "prompt_tokens": sum(len(p) for p, _ in work),
         "seconds": seconds,
@@ -114,8 +118,9 @@ def markdown(results: list[dict], command: str, repeats: int) -> str:
         "",
         f"`{command}`",
         "",
-        f"SmolLM2-135M-Instruct, {N_REQUESTS} requests (prompts 16-96 tokens, 16-128 new tokens, EOS ignored), "
-        f"prefill_seq_len {PREFILL}, ctx_len {CTX_LEN}, ORT CPU; median of {repeats} interleaved repeats.",
+        f"SmolLM2-135M-Instruct, {N_REQUESTS} requests (prompts {results[0]['prompt_lens']} tokens, "
+        f"{results[0]['new_tokens']} new tokens, EOS ignored), prefill_seq_len {PREFILL}, "
+        f"ctx_len {results[0]['ctx_len']}, ORT CPU; median of {repeats} interleaved repeats.",
         "",
         "| precision | one-at-a-time tok/s | static batches of 8 tok/s | engine, 8 slots tok/s | engine / one | "
         "engine / static-8 | same tokens |",
@@ -134,15 +139,18 @@ def markdown(results: list[dict], command: str, repeats: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--precisions", default="float32,int4")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--prompt-lens", default="16-64", help="range of prompt lengths in tokens")
+    parser.add_argument("--new-tokens", default="16-240", help="range of new-token counts")
     args = parser.parse_args()
+    prompt_lens = tuple(int(x) for x in args.prompt_lens.split("-"))
+    new_tokens = tuple(int(x) for x in args.new_tokens.split("-"))
     if not SMOLLM2.is_dir():
         raise SystemExit(f"{SMOLLM2} is missing: run `bash scripts/demo.sh` once to convert SmolLM2")
-    results = [bench_precision(p, args.repeats) for p in args.precisions.split(",")]
+    results = [bench_precision(p, args.repeats, prompt_lens, new_tokens) for p in args.precisions.split(",")]
     command = (
-        "python -m benchmarks.engine_throughput"
-        + (f" --precisions {args.precisions}" if args.precisions != "float32,int4" else "")
-        + (f" --repeats {args.repeats}" if args.repeats != 3 else "")
+        f"python -m benchmarks.engine_throughput --precisions {args.precisions} --repeats {args.repeats} "
+        f"--prompt-lens {args.prompt_lens} --new-tokens {args.new_tokens}"
     )
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "engine_throughput.json").write_text(json.dumps({"command": command, "results": results}, indent=2))

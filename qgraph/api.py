@@ -8,7 +8,6 @@ import functools
 import gc
 import logging
 import os
-import sys
 import threading
 import time
 import warnings
@@ -33,7 +32,7 @@ from qgraph.decoding import generation_config_defaults, resolve_options
 from qgraph.engine import Engine, RequestHandle
 from qgraph.errors import ModelNotFoundError, QGraphError
 from qgraph.pipeline_spec import PassSpec, parse_pipeline
-from qgraph.progress import step
+from qgraph.progress import note, show, step
 from qgraph.prompts import prompt_token_ids
 from qgraph.registry import pass_registry
 from qgraph.request import Request
@@ -167,7 +166,7 @@ class QEFFAutoModelForCausalLM:
 
     def _note(self, message: str) -> None:
         if self.verbose:
-            print(f"qgraph: note: {message}", file=sys.stderr)
+            note(f"note: {message}")
 
     # -- the PyTorch model, on demand ---------------------------------------------------------------------------
 
@@ -346,7 +345,7 @@ class QEFFAutoModelForCausalLM:
         explicit = ({"num_cores": num_cores} if num_cores is not None else {}) | backend_options
         ignored = unused_options(target, explicit)
         if ignored and self.verbose:
-            print(f"qgraph: note: backend {backend!r} does not use {', '.join(ignored)} (ignored)", file=sys.stderr)
+            note(f"note: backend {backend!r} does not use {', '.join(ignored)} (ignored)")
         # before the export, everything that can be checked is: a request the target refuses fails at once
         check_backend_options = getattr(target, "check_options", None)
         if check_backend_options is not None:
@@ -367,7 +366,7 @@ class QEFFAutoModelForCausalLM:
         )
         if self.verbose:
             verb = "reusing compiled artifact" if self.artifact.reused else "compiled artifact written to"
-            print(f"qgraph: {verb} {self.artifact.directory}", file=sys.stderr)
+            note(f"{verb} {self.artifact.directory}")
         return self.artifact.directory
 
     @property
@@ -446,12 +445,12 @@ class QEFFAutoModelForCausalLM:
             [r.times.as_dict() for r in requests],
         )
         if verbose:
-            for note in notes:
-                print(f"qgraph: note: {note}", file=sys.stderr)
+            for text in notes:
+                note(f"note: {text}")
             for i, (prompt, text) in enumerate(zip(texts, result.generated_texts, strict=True)):
                 if not (stream and i == 0):
-                    print(f"{prompt}{text}")
-            print(stats.format())
+                    show(f"{prompt}{text}")
+            show(stats.format())
         return result
 
     def _run_static(self, requests: list[Request], stream_prompt: str | None, pad_token_id: int) -> LatencyStats:
@@ -463,15 +462,15 @@ class QEFFAutoModelForCausalLM:
             for r in requests:
                 r.times.submitted = start
             if stream:
-                print(stream_prompt, end="", flush=True)
+                show(stream_prompt, end="")
             timer = StepTimer()
             steps = static_batch_steps(session, requests, self.artifact.options.batch_size, pad_token_id, timer)
             for taken in steps:
                 if stream and any(r is requests[0] for r, _ in taken):
-                    print(requests[0].tracker.increment(requests[0].done), end="", flush=True)
+                    show(requests[0].tracker.increment(requests[0].done), end="")
             stats = latency_stats(requests, timer, start, self.artifact.options.batch_size)
         if stream:
-            print()
+            show()
         return stats
 
     def _run_on_engine(self, requests: list[Request], stream_prompt: str | None, start: float) -> LatencyStats:
@@ -483,10 +482,10 @@ class QEFFAutoModelForCausalLM:
         prefill_before, decode_before = engine.prefill_s, engine.decode_s
         handles = [engine.submit(r) for r in requests]
         if stream_prompt is not None:
-            print(stream_prompt, end="", flush=True)
+            show(stream_prompt, end="")
             for event in handles[0]:
-                print(event.text, end="", flush=True)
-            print()
+                show(event.text, end="")
+            show()
         completions = [h.result() for h in handles]
         first = min((r.times.first_token for r in requests if r.times.first_token is not None), default=None)
         generated = sum(len(r.generated) for r in requests)
@@ -523,8 +522,8 @@ class QEFFAutoModelForCausalLM:
         events, ``result()``, ``await`` it, ``cancel()``). A prompt that does not fit ``ctx_len`` is refused here."""
         self._check_single(prompt, messages)
         requests, _, notes = self._requests(tokenizer, prompt, messages, options, time.perf_counter())
-        for note in notes:
-            logger.info("note: %s", note)
+        for text in notes:
+            logger.info("note: %s", text)
         return self.engine.submit(requests[0])
 
     @staticmethod
@@ -544,8 +543,8 @@ class QEFFAutoModelForCausalLM:
         """
         self._check_single(prompt, messages)
         requests, _, notes = self._requests(tokenizer, prompt, messages, options, time.perf_counter())
-        for note in notes:
-            logger.info("note: %s", note)
+        for text in notes:
+            logger.info("note: %s", text)
         if self._full_batch_size:
             return iter(self.engine.submit(requests[0]))
         return self._stream_static(requests[0], tokenizer.pad_token_id or 0)

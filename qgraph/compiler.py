@@ -13,7 +13,7 @@ from typing import Any
 from qgraph.backend_api import Backend, CompileOptions, DecoderSession
 from qgraph.cache import CacheError, code_digest, digest, entry_problem, publish, reuse
 from qgraph.pipeline_spec import PassSpec
-from qgraph.progress import step
+from qgraph.progress import note, show, step
 from qgraph.registry import Registry, backend_registry, pass_registry
 
 ONNX_FILE = "model.onnx"  # every backend writes its target-ready graph under this name in the artifact
@@ -146,10 +146,10 @@ def compile_onnx(
     with step(f"compiling for backend {backend.name!r} ({len(specs)} passes)", verbose):
         model = ir.load(vanilla_path)
         reports = run_pipeline(
-            model, specs, registry, progress=(lambda m: print(f"qgraph:   {m}", file=sys.stderr)) if verbose else None
+            model, specs, registry, progress=(lambda m: note(f"  {m}")) if verbose else None
         )
         if verbose:
-            print(format_reports(reports), file=sys.stderr)
+            show(format_reports(reports), stream=sys.stderr)
         with publish(directory) as tmp:
             backend.compile(model, options, tmp)
             (tmp / REPORT_FILE).write_text(json.dumps([r.as_dict() for r in reports], indent=2))

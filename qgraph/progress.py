@@ -1,7 +1,7 @@
-"""Progress messages for long steps (export, compile), with a heartbeat so a long step never looks hung.
-
-This is the library's reporter for a user who asked for progress (``verbose``): it writes ``qgraph: ...`` lines to
-the stream it is given (stderr by default). Everything else the library says goes through ``logging``.
+"""What the library shows a user who asked for it, in one place: progress of long steps with a heartbeat (``step``),
+``qgraph: ...`` notes (``note``, on stderr, when ``verbose``), and the output ``generate`` prints as QEfficient's does
+(``show``: completions, streamed text, statistics, on stdout). Everything else the library says goes through
+``logging``; only the CLI and the demo print.
 """
 
 from __future__ import annotations
@@ -37,6 +37,19 @@ def step(message: str, enabled: bool = True, heartbeat_s: float = 15.0, stream: 
         done.set()
         thread.join()
     _line(out, f"qgraph: {message}: done in {time.perf_counter() - start:.1f} s")
+
+
+def note(message: str, enabled: bool = True, stream: TextIO | None = None) -> None:
+    """One ``qgraph: message`` line on stderr (or ``stream``), for a user who asked for them (``enabled``)."""
+    if enabled:
+        _line(stream or sys.stderr, f"qgraph: {message}")
+
+
+def show(text: str = "", end: str = "\n", stream: TextIO | None = None) -> None:
+    """Output the user asked to see (generated text, statistics) on stdout (or ``stream``), flushed at once."""
+    out = stream or sys.stdout
+    out.write(text + end)
+    out.flush()
 
 
 def _line(stream: TextIO, text: str) -> None:

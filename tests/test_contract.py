@@ -26,8 +26,9 @@ EXACT = {contract.INPUT_IDS, contract.POSITION_IDS, contract.ATTENTION_MASK, con
 FRAGMENTS = ("_RetainedState", "past_key", "past_value", "present.")
 # A literal that happens to spell a contract name but names something else.
 NOT_THE_CONTRACT = {
-    ("qgraph/api.py", "input_ids"): "the key of a HuggingFace tokenizer's output",
-    ("qgraph/prompts.py", "input_ids"): "the key of a HuggingFace tokenizer's output",
+    # a HuggingFace tokenizer's output key (its own contract, which qgraph's tokenizer follows), not a graph name
+    ("qgraph/prompts.py", "input_ids"): "the tokenizer's output key",
+    ("qgraph/tokenizer.py", "input_ids"): "the tokenizer's output key",
     ("qgraph/export.py", "past_key_values"): "the attribute of a HuggingFace model's output holding its cache",
 }
 

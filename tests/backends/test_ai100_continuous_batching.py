@@ -53,3 +53,22 @@ def test_the_bundle_graph_through_the_engine_gives_hf_greedy_for_24_requests(cb_
     got = [h.result(timeout=300).generated_ids for h in handles]
     engine.close()
     assert got == [hf_greedy(qg.model, tokenizer, p, n) for p, n in work]
+
+
+def test_generate_on_the_sdk_runtime_runs_the_engine_with_batch_index(qeff_model, tokenizer, monkeypatch, tmp_path):
+    """The SDK session (against the stand-in SDK, which runs the program's graph on ORT) binds batch_index."""
+    import sys
+
+    from tests.backends import fake_qaic
+
+    for name, module in fake_qaic.modules().items():
+        monkeypatch.setitem(sys.modules, name, module)
+    fake_qaic.PROGRAMS.clear()
+    qg = qeff_model("llama")
+    compiler = fake_qaic.write_fake_compiler(tmp_path)
+    qg.compile(backend="ai100", prefill_seq_len=CHUNK, ctx_len=CTX_LEN, full_batch_size=SLOTS, compiler=str(compiler))
+    prompts = [p for p, _ in mixed_requests(6)]
+    result = qg.generate(tokenizer, prompts, max_new_tokens=8, verbose=False)
+    qg.engine.close()
+    assert result.generated_ids == [hf_greedy(qg.model, tokenizer, p, 8) for p in prompts]
+    assert fake_qaic.PROGRAMS[0].kv_bytes_transferred == 0
