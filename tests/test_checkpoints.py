@@ -179,3 +179,19 @@ def test_a_cached_artifact_is_used_without_torch(checkpoint_dir, tokenizer, tmp_
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == str(expected)
+
+
+def test_the_attention_implementation_is_in_the_key(tiny_model_dir, tmp_path):
+    """An sdpa model exports a graph no pass fuses: it must never reuse (or be reused as) the eager export."""
+    eager = QEFFAutoModelForCausalLM.from_pretrained(tiny_model_dir("llama"), cache_dir=tmp_path, verbose=False)
+    sdpa = QEFFAutoModelForCausalLM.from_pretrained(
+        tiny_model_dir("llama"), cache_dir=tmp_path, verbose=False, attn_implementation="sdpa"
+    )
+    assert eager.source_key != sdpa.source_key
+    in_memory = [
+        QEFFAutoModelForCausalLM(
+            AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama"), attn_implementation=impl), verbose=False
+        ).source_key
+        for impl in ("eager", "sdpa")
+    ]
+    assert in_memory[0] != in_memory[1]
