@@ -132,13 +132,19 @@ def test_stop_strings_and_seeded_sampling(client):
     assert sampled[0] == sampled[1]
 
 
-def test_models_health_and_metrics(client, server):
+def test_models_health_and_metrics_as_prometheus_text(client, server):
+    client.completions.create(model=NAME, prompt=PROMPT, max_tokens=3, temperature=0)
     assert [m.id for m in client.models.list().data] == [NAME]
     assert httpx.get(f"{server}/health").json() == {"status": "ok"}
-    text = httpx.get(f"{server}/metrics").text
-    for name in ("qgraph_requests_total", "qgraph_generation_tokens_total", "qgraph_queue_depth",
-                 "qgraph_time_to_first_token_seconds_bucket", "qgraph_inter_token_seconds_bucket"):  # fmt: skip
-        assert name in text
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = {f.name: f for f in text_string_to_metric_families(httpx.get(f"{server}/metrics").text)}
+    for name in ("qgraph_requests", "qgraph_generation_tokens", "qgraph_prompt_tokens", "qgraph_queue_depth",
+                 "qgraph_time_to_first_token_seconds", "qgraph_inter_token_seconds"):  # fmt: skip
+        assert name in families, sorted(families)
+    served_ok = [s for s in families["qgraph_requests"].samples if s.labels.get("status") == "200"]
+    assert served_ok and sum(s.value for s in served_ok) >= 1
+    assert sum(s.value for s in families["qgraph_generation_tokens"].samples if s.name.endswith("_total")) >= 1
 
 
 @pytest.mark.parametrize(
