@@ -138,7 +138,6 @@ class QEFFAutoModelForCausalLM:
         self.stored_dtype = stored
         self.export_dtype = resolve_export_dtype(dtype, stored)
         self._source_key: str | None = None
-        self._vanilla_path: Path | None = None
         self.artifact: CompiledArtifact | None = None
         self._session = None
         self._generate_lock = threading.Lock()  # one session, one set of KV buffers: generate calls take turns
@@ -267,7 +266,11 @@ class QEFFAutoModelForCausalLM:
         """The vanilla ONNX export (cached; a damaged entry is rebuilt, ``verify`` re-hashes it); returns its path.
 
         A model loaded for the export is released afterwards."""
-        directory = self.cache_dir / "exports" / f"{self.architecture}-{self.source_key}"
+        return self._export(self.source_key, verify)
+
+    def _export(self, source_key: str, verify: bool) -> Path:
+        """``export`` under a key already computed (a handed-out model's key hashes every tensor: once a compile)."""
+        directory = self.cache_dir / "exports" / f"{self.architecture}-{source_key}"
         if not reuse(directory, verify):
             import onnx_ir as ir
 
@@ -296,8 +299,7 @@ class QEFFAutoModelForCausalLM:
                 if loaded_here and not self._model_handed_out:
                     self._model = None  # the export holds everything later steps need; free the weights
                 gc.collect()
-        self._vanilla_path = directory / ONNX_FILE
-        return self._vanilla_path
+        return directory / ONNX_FILE
 
     # -- compile ------------------------------------------------------------------------------------------------
 
@@ -354,9 +356,10 @@ class QEFFAutoModelForCausalLM:
         if passes is not None:
             given = parse_pipeline(passes) if isinstance(passes, str) else [PassSpec(p) for p in passes]
             specs = check_pipeline(given, specs, options.ctx_len, pass_registry())
+        source_key = self.source_key
         self.artifact = compile_onnx(
-            lambda: self.export(verify),  # only when the compiled artifact is not cached
-            self.source_key,
+            lambda: self._export(source_key, verify),  # only when the compiled artifact is not cached
+            source_key,
             target,
             options,
             self.cache_dir,

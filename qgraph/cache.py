@@ -159,7 +159,7 @@ def _manifest(directory: Path) -> dict[str, Any]:
         files[path.relative_to(directory).as_posix()] = {
             "size": stat.st_size,
             "mtime_ns": stat.st_mtime_ns,
-            "blake2b": _file_digest(path),
+            "blake2b": file_digest(path),
         }
     return {"version": MANIFEST_VERSION, "files": files}
 
@@ -171,10 +171,11 @@ def _write_marker(directory: Path, manifest: dict[str, Any]) -> None:
     os.replace(partial, directory / MARKER)
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.blake2b(digest_size=20)
+def file_digest(path: Path, size: int = 20) -> str:
+    """blake2b (``size`` bytes) of a file's content, read in blocks: a multi-GB file never sits in memory."""
+    h = hashlib.blake2b(digest_size=size)
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
+        for block in iter(lambda: f.read(16 << 20), b""):
             h.update(block)
     return h.hexdigest()
 
@@ -211,7 +212,7 @@ def entry_problem(directory: Path, full: bool = False) -> str | None:
         if stat.st_size != record["size"]:
             return f"{name} has {stat.st_size} bytes, {record['size']} when it was published"
         if full or stat.st_mtime_ns != record["mtime_ns"]:
-            if _file_digest(path) != record["blake2b"]:
+            if file_digest(path) != record["blake2b"]:
                 return f"{name} changed since it was published (its content digest differs)"
             record["mtime_ns"] = stat.st_mtime_ns
             rehashed = True

@@ -8,7 +8,6 @@ tokens are exact; a failure names the stage and carries the pass's own message, 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
@@ -16,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qgraph.checkpoint import expand_path, looks_like_path
+from qgraph.checkpoint import expand_path, looks_like_path, read_config_file
 from qgraph.errors import ModelNotFoundError, QGraphError
 
 log = logging.getLogger(__name__)
@@ -101,10 +100,7 @@ def read_config(name_or_path: str | os.PathLike) -> dict[str, Any]:
             raise ModelNotFoundError(
                 f"could not fetch config.json of {name!r} from the hub or its cache: {exc}"
             ) from exc
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelNotFoundError(f"{path} is not valid JSON: {exc}") from exc
+    return read_config_file(path)
 
 
 def tiny_config(config: dict[str, Any]) -> dict[str, Any]:

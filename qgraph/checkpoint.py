@@ -7,7 +7,6 @@ find that artifact, and never pays for loading the weights.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -19,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qgraph.cache import file_digest
 from qgraph.errors import ModelNotFoundError
 
 log = logging.getLogger(__name__)
@@ -26,7 +26,6 @@ log = logging.getLogger(__name__)
 # File name patterns of the weights transformers reads, in the order it prefers them.
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model*.bin")
 DIGEST_MEMO_FILE = "file-digests.json"
-_CHUNK = 16 << 20
 
 # safetensors' dtype names -> the floating dtype names torch and transformers use.
 _SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
@@ -141,11 +140,16 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, hf_kwargs: dict[str, Any
         raise ModelNotFoundError(
             f"{directory} has no config.json; a checkpoint directory is what save_pretrained writes"
         )
-    try:
-        config = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelNotFoundError(f"{config_file} is not valid JSON: {exc}") from exc
+    config = read_config_file(config_file)
     return Checkpoint(directory, config, _weight_files(directory, gguf_file))
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """A ``config.json``'s content; a file that is not JSON is named."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelNotFoundError(f"{path} is not valid JSON: {exc}") from exc
 
 
 class FileDigests:
@@ -186,19 +190,10 @@ class FileDigests:
                 result[path.name] = known[2]
                 continue
             with stage(f"hashing {path.name} ({stat.st_size / 1e9:.2f} GB, once)") if stage else nullcontext():
-                value = file_digest(path)
+                value = file_digest(path, size=16)
             memo[key] = [stat.st_size, stat.st_mtime_ns, value]
             result[path.name] = value
             changed = True
         if changed:
             self._write_memo(memo)
         return result
-
-
-def file_digest(path: Path) -> str:
-    """blake2b of a file's bytes, read in chunks (a multi-GB weight file never sits in memory)."""
-    h = hashlib.blake2b(digest_size=16)
-    with path.open("rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()

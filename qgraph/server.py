@@ -223,7 +223,7 @@ def create_app(load: Callable[[], Served], model_name: str, max_queue: int = 64,
 
 async def _until_done_or_gone(handle, request) -> Any:
     """The request's completion, or None after cancelling it when the client disconnects first."""
-    result = asyncio.ensure_future(_awaitable(handle))
+    result = asyncio.ensure_future(handle)
     while not result.done():
         done, _ = await asyncio.wait({result}, timeout=0.25)
         if not done and await request.is_disconnected():
@@ -231,10 +231,6 @@ async def _until_done_or_gone(handle, request) -> Any:
             result.cancel()
             return None
     return result.result()
-
-
-async def _awaitable(handle):
-    return await handle
 
 
 async def _events(handle, request, admission: _Admission, metrics: ServerMetrics) -> AsyncIterator:
