@@ -5,7 +5,7 @@
 #   bash benchmarks/setup_peers.sh [all|main|llamacpp|optimum] [PEERS_DIR]
 #
 # - main:     matplotlib (plots), sentencepiece (GGUF converter) and onnxruntime-genai (peer; same onnxruntime as qgraph) into the current venv
-# - llamacpp: llama-cpp-python, compiled from source (~9 min on 2 cores, niced), in its own venv; plus llama.cpp's
+# - llamacpp: llama-cpp-python with its [server] extra, compiled from source (~9 min on 2 cores, niced), in its own venv; plus llama.cpp's
 #             convert_hf_to_gguf.py and gguf-py taken from the same sdist, to make f32 GGUF files from HF weights
 # - optimum:  optimum-onnx in its own venv (it pins transformers 4.57)
 # Venvs live in PEERS_DIR (default /work/peers), outside the repository; give the same directory to
@@ -13,7 +13,7 @@
 set -uo pipefail
 PEERS="${2:-/work/peers}"
 PY="${PYTHON:-python3}"
-LLAMA_CPP_PYTHON="llama-cpp-python==0.3.36"
+LLAMA_CPP_PYTHON="llama-cpp-python[server]==0.3.36"
 OPTIMUM_ONNX="optimum-onnx==0.1.0"
 GENAI="onnxruntime-genai==0.18.*"
 what="${1:-all}"
@@ -32,7 +32,7 @@ llamacpp_env() {
   fi
   if [ ! -f "$PEERS/llama.cpp-convert/convert_hf_to_gguf.py" ]; then
     tmp="$(mktemp -d)"
-    pip download -q --no-deps --no-binary :all: "$LLAMA_CPP_PYTHON" -d "$tmp"
+    pip download -q --no-deps --no-binary :all: "llama-cpp-python==${LLAMA_CPP_PYTHON##*==}" -d "$tmp"
     mkdir -p "$PEERS/llama.cpp-convert"
     tar -xzf "$tmp"/llama_cpp_python-*.tar.gz -C "$tmp"
     src="$(ls -d "$tmp"/llama_cpp_python-*/vendor/llama.cpp)"
