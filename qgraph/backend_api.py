@@ -126,6 +126,8 @@ class DecoderSession(Protocol):
     ctx_len: int
     prefill_seq_len: int
     device_seconds: float  # time spent inside the backend's run calls since the last reset
+    # optional: how many positions per row the logits keep (``qgraph.runtime.logits_positions``); None = every one
+    logits_positions: int | None
 
     def reset(self, batch_size: int) -> None:
         """Start a new generation for ``batch_size`` rows (KV buffers cleared)."""
