@@ -64,6 +64,7 @@ class ScoredRun:
     seconds: float  # time to score (0 when reused from the cache)
     reused: bool
     artifact: str | None = None  # the compiled artifact scored (qgraph runs)
+    pipeline: list[dict[str, Any]] | None = None  # its passes with their options (qgraph runs)
 
 
 @dataclass
@@ -137,6 +138,7 @@ class EvalResult:
                     "seconds": run.seconds,
                     "reused": run.reused,
                     "artifact": run.artifact,
+                    "pipeline": run.pipeline,
                 }
                 for name, run in self.runs.items()
             },
@@ -200,35 +202,61 @@ def evaluate(
         backend = model.artifact.backend.name if model.artifact is not None else "ort"
     if compile_options is None:
         compile_options = dict(compiled.extra) if compiled else {}
+    tokens = text_tokens(model, text, tokenizer, ctx_len, stride)
+    result = EvalResult(
+        model=str(model.checkpoint_directory or model.architecture),
+        backend=backend,
+        precision=precision,
+        text_source=tokens.source,
+        text_tokens=int(tokens.ids.size),
+        ctx_len=ctx_len,
+        stride=stride,
+        windows=len(tokens.windows),
+    )
+    runs = result.runs
+    runs[EVALUATED] = qgraph_scores(model, tokens, backend, precision, compile_options, verbose)
+    if FLOAT32 in references:
+        if precision == FLOAT32 and not compile_options:
+            runs[FLOAT32] = runs[EVALUATED]
+        else:
+            runs[FLOAT32] = qgraph_scores(model, tokens, backend, FLOAT32, {}, verbose)
+    if HF in references:
+        runs[HF] = hf_scores(model, tokens, verbose)
+    return result
+
+
+@dataclass(frozen=True)
+class TextTokens:
+    """The token ids of the evaluation text, its windows, and a key naming both (for cached scores)."""
+
+    ids: np.ndarray  # int64 [n]
+    windows: list[Window]
+    source: str
+    ctx_len: int
+    stride: int
+
+    @property
+    def key(self) -> dict[str, Any]:
+        return {"ids": hashlib.sha256(self.ids.tobytes()).hexdigest(), "ctx_len": self.ctx_len, "stride": self.stride}
+
+
+def text_tokens(
+    model: QEFFAutoModelForCausalLM,
+    text: str | EvalText | None,
+    tokenizer: Any,
+    ctx_len: int = DEFAULT_CTX_LEN,
+    stride: int = DEFAULT_STRIDE,
+) -> TextTokens:
+    """``text`` (None: the default licence texts) as the model's token ids (the tokenizer's default special tokens)
+    cut into windows; every model compared over it is fed exactly these ids."""
+    check_windows(ctx_len, stride)
     if isinstance(text, str):
         text = EvalText(text, "text given")
     text = text if text is not None else common_licenses_text()
     tokenizer = tokenizer if tokenizer is not None else _checkpoint_tokenizer(model)
     ids = np.asarray(tokenizer(text.text)["input_ids"], dtype=np.int64).reshape(-1)
     check_token_ids([ids], model.vocab_size)
-    windows = strided_windows(int(ids.size), ctx_len, stride)
-    windows_key = {"ids": hashlib.sha256(ids.tobytes()).hexdigest(), "ctx_len": ctx_len, "stride": stride}
-
-    result = EvalResult(
-        model=str(model.checkpoint_directory or model.architecture),
-        backend=backend,
-        precision=precision,
-        text_source=text.source,
-        text_tokens=int(ids.size),
-        ctx_len=ctx_len,
-        stride=stride,
-        windows=len(windows),
-    )
-    runs = result.runs
-    runs[EVALUATED] = _qgraph_run(model, backend, precision, compile_options, ids, windows, windows_key, verbose)
-    if FLOAT32 in references:
-        if precision == FLOAT32 and not compile_options:
-            runs[FLOAT32] = runs[EVALUATED]
-        else:
-            runs[FLOAT32] = _qgraph_run(model, backend, FLOAT32, {}, ids, windows, windows_key, verbose)
-    if HF in references:
-        runs[HF] = _hf_run(model, ids, windows, windows_key, verbose)
-    return result
+    return TextTokens(ids, strided_windows(int(ids.size), ctx_len, stride), text.source, ctx_len, stride)
 
 
 def compile_for_evaluation(
@@ -241,6 +269,20 @@ def compile_for_evaluation(
     """``model`` compiled as ``compile`` would (``compile_options`` as its backend options; ``passes`` to override
     the pipeline) but without ``last-token-logits``: logits for every position, under its own cache key. The model's
     own artifact is not touched. One run takes a whole window (``prefill_seq_len = ctx_len``), batch 1."""
+    target, options, specs = evaluation_pipeline(model, backend, precision, ctx_len, compile_options)
+    source_key = model.source_key
+    return compile_onnx(model.export, source_key, target, options, model.cache_dir, specs, verbose=model.verbose)
+
+
+def evaluation_pipeline(
+    model: QEFFAutoModelForCausalLM,
+    backend: str,
+    precision: str,
+    ctx_len: int,
+    compile_options: Mapping[str, Any] | None = None,
+) -> tuple[Any, CompileOptions, list[PassSpec]]:
+    """The backend, options and passes of ``compile_for_evaluation`` (the default pipeline, or ``passes`` from
+    ``compile_options``, without ``last-token-logits``)."""
     from qgraph.registry import pass_registry
     from qgraph.validation import check_pipeline
 
@@ -255,9 +297,7 @@ def compile_for_evaluation(
     if passes is not None:
         given = parse_pipeline(passes) if isinstance(passes, str) else [_as_spec(p) for p in passes]
         specs = check_pipeline(given, specs, ctx_len, pass_registry())
-    specs = [s for s in specs if s.name != LAST_TOKEN_LOGITS]
-    source_key = model.source_key
-    return compile_onnx(model.export, source_key, target, options, model.cache_dir, specs, verbose=model.verbose)
+    return target, options, [s for s in specs if s.name != LAST_TOKEN_LOGITS]
 
 
 def _as_spec(item: Any) -> PassSpec:
@@ -293,31 +333,45 @@ def score_torch_model(torch_model, ids: np.ndarray, windows: Sequence[Window], b
     return TokenScores.concatenate(parts)
 
 
-def _qgraph_run(model, backend, precision, compile_options, ids, windows, windows_key, verbose) -> ScoredRun:
-    artifact = compile_for_evaluation(model, backend, precision, windows_key["ctx_len"], compile_options)
+def qgraph_scores(
+    model: QEFFAutoModelForCausalLM,
+    tokens: TextTokens,
+    backend: str = "ort",
+    precision: str = FLOAT32,
+    compile_options: Mapping[str, Any] | None = None,
+    verbose: bool = True,
+) -> ScoredRun:
+    """``model``'s eval variant (``compile_for_evaluation``) scored over ``tokens``; cached by artifact and tokens."""
+    compile_options = dict(compile_options or {})
+    artifact = compile_for_evaluation(model, backend, precision, tokens.ctx_len, compile_options)
     label = f"qgraph {precision} ({backend})" + (" " + _options_text(compile_options) if compile_options else "")
-    key = digest({"artifact": artifact.directory.name, **windows_key, "version": SCORING_VERSION})
+    key = digest({"artifact": artifact.directory.name, **tokens.key, "version": SCORING_VERSION})
 
     def score(bar: ProgressBar) -> TokenScores:
-        return score_session(artifact.load(), ids, windows, bar)
+        return score_session(artifact.load(), tokens.ids, tokens.windows, bar)
 
-    run = _cached_scores(model.cache_dir / "eval" / f"qgraph-{key}", label, score, len(windows), verbose)
+    run = cached_scores(model.cache_dir / "eval" / f"qgraph-{key}", label, score, len(tokens.windows), verbose)
     run.artifact = str(artifact.directory)
+    specs = evaluation_pipeline(model, backend, precision, tokens.ctx_len, compile_options)[2]
+    run.pipeline = [{"name": s.name, "options": dict(s.options)} for s in specs]
     return run
 
 
-def _hf_run(model, ids, windows, windows_key, verbose) -> ScoredRun:
-    key = digest({"source": model.source_key, "reference": "transformers-float32", **windows_key, "v": SCORING_VERSION})
+def hf_scores(model: QEFFAutoModelForCausalLM, tokens: TextTokens, verbose: bool = True) -> ScoredRun:
+    """HF transformers' float32 model of the same checkpoint scored over ``tokens``; cached by checkpoint and tokens
+    (the key does not change with qgraph's code, so a sweep computes it once)."""
+    key = digest({"source": model.source_key, "reference": "transformers-float32", **tokens.key, "v": SCORING_VERSION})
 
     def score(bar: ProgressBar) -> TokenScores:
-        return score_torch_model(model.reference_model(), ids, windows, bar)
+        return score_torch_model(model.reference_model(), tokens.ids, tokens.windows, bar)
 
     directory = model.cache_dir / "eval" / f"hf-{key}"
-    return _cached_scores(directory, "HF transformers float32", score, len(windows), verbose)
+    return cached_scores(directory, "HF transformers float32", score, len(tokens.windows), verbose)
 
 
-def _cached_scores(directory: Path, label: str, score, n_windows: int, verbose: bool) -> ScoredRun:
-    """Scores from the cache entry ``directory``, or computed by ``score(bar)`` and published there."""
+def cached_scores(directory: Path, label: str, score, n_windows: int, verbose: bool) -> ScoredRun:
+    """Scores from the cache entry ``directory``, or computed by ``score(bar)`` (``bar``: a progress bar over
+    ``n_windows``) and published there."""
     if reuse(directory):
         try:
             with np.load(directory / SCORES_FILE) as data:
