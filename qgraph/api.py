@@ -191,6 +191,20 @@ class QEFFAutoModelForCausalLM:
                 )
         return self._model
 
+    def reference_model(self):
+        """HF transformers' float32 model of the same weights, the reference a compiled model is compared with
+        (``qgraph.evaluation``): loaded fresh from the checkpoint and not kept, or the model object given."""
+        if self._checkpoint is None or self._model is not None:
+            return self._materialised_model()
+        import torch
+
+        return load_hf_model(self._checkpoint.directory, dtype=torch.float32, **self._hf_kwargs)
+
+    @property
+    def checkpoint_directory(self) -> Path | None:
+        """The local directory of the checkpoint (its config, weights and tokenizer); None for a model object."""
+        return self._checkpoint.directory if self._checkpoint else None
+
     @property
     def model_loaded(self) -> bool:
         """Whether the PyTorch model is in memory (a cached artifact never needs it)."""
