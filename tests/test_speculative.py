@@ -291,3 +291,132 @@ def test_draft_probabilities_are_returned_when_sampling(compiled, int4_draft, to
 def test_without_speculation_nothing_changes(compiled, tokenizer):
     again = compiled.model.generate(tokenizer, PROMPTS, max_new_tokens=NEW, verbose=False)
     assert again.generated_ids == compiled.plain and again.stats.verify_runs == 0
+
+
+# -- continuous batching ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def engine_model(tiny_model_dir, cache_dir):
+    qg = QEFFAutoModelForCausalLM.from_pretrained(str(tiny_model_dir("llama")), cache_dir=cache_dir, verbose=False)
+    qg.compile(prefill_seq_len=8, ctx_len=CTX, full_batch_size=4, num_speculative_tokens=K_MAX)
+    yield qg
+    qg.engine.close()
+
+
+def test_engine_requests_with_and_without_speculation_give_plain_greedy(
+    engine_model, tiny_model_dir, cache_dir, tokenizer
+):
+    """Requests joining 4 slots, each with its own proposer (prompt lookup k=1..8, an int4 draft, none), accept
+    different numbers of tokens per run and still give exactly the tokens they give alone without speculation."""
+    draft = QEFFAutoModelForCausalLM.from_pretrained(str(tiny_model_dir("llama")), cache_dir=cache_dir, verbose=False)
+    draft.compile(prefill_seq_len=8, ctx_len=CTX, precision="int4")
+    prompts = [PROMPTS[i % 3] + " " + " ".join(PROMPTS[(i + 1) % 3].split()[: i % 4]) for i in range(9)]
+    lookup, drafted, plain = (
+        ({"prompt_lookup_num_tokens": 1 + (i * 3) % 8} for i in range(9)),
+        {"assistant_model": draft},
+        {},
+    )
+    choices = [next(lookup) if i % 3 == 0 else drafted if i % 3 == 1 else plain for i in range(9)]
+    alone = [engine_model.generate(tokenizer, p, max_new_tokens=NEW, verbose=False).generated_ids[0] for p in prompts]
+    handles = [
+        engine_model.submit(tokenizer, p, max_new_tokens=NEW, **c) for p, c in zip(prompts, choices, strict=True)
+    ]
+    completions = [h.result(timeout=600) for h in handles]
+    assert [c.generated_ids for c in completions] == alone
+    assert sum(c.stats.proposed_tokens for c in completions) > 0
+    assert sum(c.stats.accepted_tokens for c in completions) > 0
+    events = list(engine_model.submit(tokenizer, prompts[1], max_new_tokens=NEW, prompt_lookup_num_tokens=8))
+    assert [t for e in events for t in e.token_ids] == alone[1]
+
+
+def test_engine_refuses_more_guesses_than_compiled(engine_model, tokenizer):
+    with pytest.raises(QGraphError, match="num_speculative_tokens >= 9"):
+        engine_model.submit(tokenizer, PROMPTS[0], prompt_lookup_num_tokens=9)
+
+
+# -- sampling through the verification loop ---------------------------------------------------------------------------
+
+MARKOV_VOCAB = 5
+# logits of the next token given the last one (a "graph with known logits"); -inf: a token that never follows
+MARKOV_PROBS = np.array(
+    [
+        [0.05, 0.4, 0.3, 0.25, 0.0],
+        [0.3, 0.05, 0.0, 0.25, 0.4],
+        [0.2, 0.2, 0.2, 0.2, 0.2],
+        [0.0, 0.6, 0.1, 0.1, 0.2],
+        [0.5, 0.0, 0.25, 0.0, 0.25],
+    ]
+)
+MARKOV_LOGITS = np.where(MARKOV_PROBS > 0, np.log(np.maximum(MARKOV_PROBS, 1e-30)), -np.inf)
+
+
+class KnownLogits:
+    """A decoder session whose logits depend on each position's own token only: a Markov chain with known law."""
+
+    ctx_len, prefill_seq_len, device_seconds, logits_positions = 32, 4, 0.0, None
+
+    def reset(self, batch_size: int) -> None:
+        pass
+
+    def run(self, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        return MARKOV_LOGITS[input_ids].astype(np.float32)
+
+
+class MostLikelyChain:
+    """A deterministic proposer: the most likely continuation of the chain (right often, not always)."""
+
+    def reset(self, rows: int) -> None:
+        pass
+
+    def admit(self, row: int, request: Request) -> None:
+        pass
+
+    def propose(self, requests, limits) -> list[Proposal]:
+        out = []
+        for request, limit in zip(requests, limits, strict=True):
+            chain = [request.context[-1]] if request is not None else []
+            for _ in range(limit if request is not None else 0):
+                chain.append(int(np.argmax(MARKOV_LOGITS[chain[-1]])))
+            out.append(Proposal(chain[1:]))
+        return out
+
+    def feedback(self, row: int, proposed: int, accepted: int) -> None:
+        pass
+
+
+def test_speculative_sampling_through_the_loop_follows_plain_sampling():
+    """The first pair and the (3rd, 4th) pair of tokens of seeded sampling requests decoded speculatively (k = 3,
+    deterministic guesses checked by ``speculative_accept`` against each request's own distribution) are distributed
+    as plain sampling's. Chi-square at a one-in-a-million false-failure rate per pair."""
+    from qgraph.sampling import SamplingOptions
+    from tests.test_sampling import Z_ONE_IN_A_MILLION, _chi_square_critical
+
+    runs, start = 6000, 2
+    requests = [
+        Request([start], GenerationOptions(SamplingOptions(do_sample=True, seed=seed), max_new_tokens=5), 32)
+        for seed in range(runs)
+    ]
+    timer = StepTimer()
+    for _ in speculative_batch_steps(KnownLogits(), requests, 200, 0, timer, MostLikelyChain(), 3):
+        pass
+    assert 0 < timer.accepted < timer.proposed
+    chain = MARKOV_PROBS
+    for first in (0, 2):
+        law = np.linalg.matrix_power(chain, first + 1)[start][:, None] * chain
+        pairs = np.array([r.generated[first : first + 2] for r in requests])
+        counts = np.bincount(pairs[:, 0] * MARKOV_VOCAB + pairs[:, 1], minlength=MARKOV_VOCAB**2)
+        expected = law.ravel() * runs
+        possible = expected > 0
+        assert counts[~possible].sum() == 0, "a pair plain sampling never emits was emitted"
+        chi2 = float((((counts[possible] - expected[possible]) ** 2) / expected[possible]).sum())
+        assert chi2 < _chi_square_critical(int(possible.sum()) - 1, Z_ONE_IN_A_MILLION), (first, chi2)
+
+
+def test_seeded_speculative_sampling_repeats_and_top_k_1_is_greedy(compiled, int4_draft, tokenizer):
+    sample = dict(do_sample=True, temperature=1.5, seed=11, max_new_tokens=NEW, verbose=False)
+    for speculation in ({"prompt_lookup_num_tokens": 4}, {"assistant_model": int4_draft}):
+        once = compiled.model.generate(tokenizer, PROMPTS, **sample, **speculation).generated_ids
+        assert compiled.model.generate(tokenizer, PROMPTS, **sample, **speculation).generated_ids == once
+        greedy = compiled.model.generate(tokenizer, PROMPTS, **(sample | {"top_k": 1}), **speculation)
+        assert greedy.generated_ids == compiled.plain  # a one-token distribution: sampling is greedy
