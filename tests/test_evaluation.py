@@ -111,12 +111,13 @@ def test_cli_eval_prints_the_perplexity_table_and_writes_json(tiny_model_dir, to
     rng = random.Random(1)
     (tmp_path / "text.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(120)))
     argv = ["eval", "--model", str(tiny_model_dir("llama")), "--tokenizer", str(tmp_path / "tok")]
-    argv += ["--text", str(tmp_path / "text.txt"), "--ctx-len", "32", "--stride", "16", "--references", "hf"]
+    argv += ["--text", str(tmp_path / "text.txt"), "--ctx-len", str(CTX_LEN), "--stride", str(STRIDE)]
+    argv += ["--references", "hf"]
     assert main([*argv, "--cache-dir", str(cache_dir), "--json", str(tmp_path / "eval.json")]) == 0
     out = capsys.readouterr().out
     report = json.loads((tmp_path / "eval.json").read_text())
     line = next(x for x in out.splitlines() if "perplexity" in x and "windows" in x)
-    assert "ctx_len 32 every 16 tokens" in line and "119 scored of 120" in line
+    assert f"ctx_len {CTX_LEN} every {STRIDE} tokens" in line and "119 scored of 120" in line
     assert f"| {report['perplexity']:.4f} |" in out
     assert report["text_tokens"] == 120 and report["top1_agreement"]["hf"] >= 0.99
 
