@@ -9,6 +9,7 @@ Mistral's sliding window (12) is shorter than prompt + new tokens.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -478,3 +479,43 @@ def test_server_takes_prompt_lookup_num_tokens_and_a_draft_model(engine_model, t
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+def test_ort_allow_spinning_is_a_session_option():
+    """Sessions that take turns on the same cores (a draft and its target) may turn spinning off."""
+    from qgraph.backends.ort_options import session_options
+
+    assert session_options({"allow_spinning": False}).get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    with pytest.raises(QGraphError, match="allow_spinning.*true or false"):
+        session_options({"allow_spinning": "no"})
+
+
+# -- SmolLM2 (real weights, slow) -------------------------------------------------------------------------------
+
+SMOLLM2 = Path("~/.cache/qgraph/weights/smollm2-135m-instruct-hf").expanduser()
+CODE = "def area(width, height):\n    return width * height\n\n\nprint(area(3, 4))\nprint(area(5, 6))\n"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SMOLLM2.is_dir(), reason="SmolLM2 weights not converted here (bash scripts/demo.sh does it)")
+def test_smollm2_prompt_lookup_and_int4_self_draft_give_float32_greedy():
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(SMOLLM2)
+    target = QEFFAutoModelForCausalLM.from_pretrained(str(SMOLLM2), verbose=False)
+    target.compile(prefill_seq_len=32, ctx_len=256, batch_size=3, num_speculative_tokens=K_MAX)
+    draft = QEFFAutoModelForCausalLM.from_pretrained(str(SMOLLM2), verbose=False)
+    draft.compile(prefill_seq_len=32, ctx_len=256, precision="int4")
+    conversations = [
+        [{"role": "user", "content": f"Rename area to rectangle_area in this code:\n{CODE}"}],
+        [{"role": "user", "content": "What is the capital of France?"}],
+        [{"role": "user", "content": f"Repeat this code exactly:\n{CODE}"}],
+    ]
+    plain = target.generate(tokenizer, messages=conversations, max_new_tokens=32, verbose=False).generated_ids
+    for k in (1, 3, 5, 8):
+        for speculation in ({"prompt_lookup_num_tokens": k}, {"assistant_model": draft, "num_assistant_tokens": k}):
+            result = target.generate(tokenizer, messages=conversations, max_new_tokens=32, verbose=False, **speculation)
+            assert result.generated_ids == plain, (k, list(speculation))
+            assert result.stats.accepted_tokens > 0
+    alone = target.generate(tokenizer, messages=conversations[:1], max_new_tokens=32, verbose=False, **speculation)
+    assert alone.generated_ids == plain[:1]
