@@ -113,7 +113,7 @@ def qgraph_runner(model, tokenizer, new_tokens: int, **speculation):
     return run
 
 
-def qgraph_models(model_dir: Path, ctx_len: int, k: int, want: set[str]) -> tuple[dict, list[str]]:
+def qgraph_models(model_dir: Path, ctx_len: int, k: int, want: set[str], threads: int) -> tuple[dict, list[str]]:
     """Compiled models by role; notes for the ones that could not be built (e.g. an API not there yet)."""
     from qgraph import QEFFAutoModelForCausalLM
 
@@ -122,7 +122,8 @@ def qgraph_models(model_dir: Path, ctx_len: int, k: int, want: set[str]) -> tupl
     def compiled(role: str, **options):
         model = QEFFAutoModelForCausalLM.from_pretrained(str(model_dir), verbose=False)
         try:
-            model.compile(prefill_seq_len=PREFILL, ctx_len=ctx_len, **options)
+            session_options = {"intra_op_num_threads": threads}
+            model.compile(prefill_seq_len=PREFILL, ctx_len=ctx_len, session_options=session_options, **options)
         except TypeError as exc:  # an option this qgraph does not know
             notes.append(f"{role}: compile({options}) failed: {exc}")
             return None
@@ -137,6 +138,29 @@ def qgraph_models(model_dir: Path, ctx_len: int, k: int, want: set[str]) -> tupl
     if "qgraph-int4-draft" in want:
         models["int4"] = compiled("int4 draft", precision="int4")
     return models, notes
+
+
+def verification_cost(model, prompt: list[int], widths: list[int], repeats: int) -> dict[int, float]:
+    """Median ms of one run of ``width`` tokens at batch 1 after ``prompt`` (widths interleaved): what checking
+    ``width - 1`` guesses costs next to a plain decode step (width 1) on the same compiled session."""
+    import numpy as np
+
+    from qgraph.runtime import prefill_rows
+
+    session = model._loaded_session()
+    session.reset(1)
+    prefill_rows(session, [prompt], 0)
+    start = len(prompt)
+    times: dict[int, list[float]] = {w: [] for w in widths}
+    for r in range(repeats + 1):
+        for w in widths if r % 2 else widths[::-1]:
+            ids = np.full((1, w), prompt[-1], dtype=np.int64)
+            pos = np.arange(start, start + w, dtype=np.int64)[None]
+            t0 = time.perf_counter()
+            session.run(ids, pos)
+            if r:  # the first round warms up every shape
+                times[w].append(1000 * (time.perf_counter() - t0))
+    return {w: statistics.median(t) for w, t in times.items()}
 
 
 # -- llama.cpp ---------------------------------------------------------------------------------------------------
@@ -268,6 +292,7 @@ def markdown(data: dict) -> str:
         f"{' / '.join(f'{x:.1f}' for x in data['load_end'])} at end: the cores are shared with other work "
         "(contended), so compare ratios within this run, not absolute numbers across runs.",
         "",
+        f"{data['threads']} threads for every variant; "
         f"{data['new_tokens']} new tokens per prompt (EOS ignored), greedy, chat template; qgraph ORT CPU float32 "
         f"(int4 for the draft), prefill_seq_len {PREFILL}, ctx_len {data['ctx_len']}, num_speculative_tokens "
         f"{data['k']}, prompt_lookup_num_tokens {data['lookup_tokens']}, num_assistant_tokens {data['draft_tokens']}; "
@@ -281,6 +306,18 @@ def markdown(data: dict) -> str:
         lines.append(f"- note: {note}")
     if data["notes"]:
         lines.append("")
+    cost = data["verification_ms"]
+    if cost["speculative_compile"]:
+        widths = cost["speculative_compile"]
+        lines += [
+            "Cost of one run of the speculative compile at batch 1 by tokens per row (median ms, interleaved; plain "
+            f"compile, 1 token: {cost['plain_compile_width_1']:.2f} ms):",
+            "",
+            "| tokens per run | " + " | ".join(str(w) for w in widths) + " |",
+            "|---" * (len(widths) + 1) + "|",
+            "| ms | " + " | ".join(f"{widths[w]:.2f}" for w in widths) + " |",
+            "",
+        ]
     for set_name, result in data["sets"].items():
         base = "qgraph"
         lines += [
@@ -327,7 +364,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--draft-tokens", type=int, default=4, help="num_assistant_tokens of the int4 draft")
     parser.add_argument("--llama-pred", type=int, default=10, help="LlamaPromptLookupDecoding num_pred_tokens")
     parser.add_argument("--llama-ngram", type=int, default=2, help="LlamaPromptLookupDecoding max_ngram_size")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--threads", type=int, default=2, help="threads of every variant (ORT intra_op, llama.cpp n_threads)"
+    )
     parser.add_argument("--peers-dir", type=Path, default=Path("/work/peers"))
     parser.add_argument("--converter-dir", type=Path, default=None, help="dir of convert_hf_to_gguf.py")
     parser.add_argument("--work-dir", type=Path, default=Path.home() / ".cache" / "qgraph" / "bench" / "work")
@@ -354,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     ctx_len = 64 * -(-(longest + args.new_tokens + args.k + 1) // 64)
 
     notes: list[str] = []
-    models, model_notes = qgraph_models(model_dir, ctx_len, args.k, want)
+    models, model_notes = qgraph_models(model_dir, ctx_len, args.k, want, args.threads)
     notes += model_notes
     variants: dict[str, Variant] = {}
     if models.get("plain") is not None:
@@ -396,6 +435,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
 
     results = {}
+    cost, plain_cost = {}, None
     try:
         for set_name in chosen:
             chosen_variants = [Variant(v.name, v.run, v.baseline) for v in variants.values()]
@@ -421,6 +461,11 @@ def main(argv: list[str] | None = None) -> int:
                     )
                 )
             results[set_name] = result
+        if models.get("speculative") is not None and "qgraph-lookup" in variants:
+            first = next(iter(ids.values()))[0]
+            widths = sorted({1, 2, 3, 5, args.k + 1} & set(range(1, args.k + 2)))
+            cost = verification_cost(models["speculative"], first, widths, repeats=30)
+            plain_cost = verification_cost(models["plain"], first, [1], repeats=30)[1]
     finally:
         if peer is not None:
             peer.close()
@@ -441,7 +486,9 @@ def main(argv: list[str] | None = None) -> int:
         "llama_pred": args.llama_pred,
         "llama_ngram": args.llama_ngram,
         "llamacpp_version": peer.version if peer else None,
+        "threads": args.threads,
         "notes": notes,
+        "verification_ms": {"plain_compile_width_1": plain_cost, "speculative_compile": cost},
         "sets": results,
     }
     RESULTS.mkdir(exist_ok=True)

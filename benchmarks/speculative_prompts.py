@@ -6,7 +6,7 @@ passage), the case prompt lookup is for. Open-ended: nothing to copy, the case w
 
 from __future__ import annotations
 
-_INVENTORY = '''def summarize_inventory(items):
+_INVENTORY = """def summarize_inventory(items):
     totals = {}
     for item in items:
         name = item["name"]
@@ -20,9 +20,9 @@ _INVENTORY = '''def summarize_inventory(items):
     for name, total in sorted(totals.items()):
         report.append(name + ": " + str(total["quantity"]) + " units, $" + str(round(total["value"], 2)))
     return "\\n".join(report)
-'''
+"""
 
-_PARSER = '''def parse_config(lines):
+_PARSER = """def parse_config(lines):
     config = {}
     section = None
     for raw in lines:
@@ -38,7 +38,7 @@ _PARSER = '''def parse_config(lines):
             raise ValueError("key outside a section: " + key)
         config[section][key.strip()] = value.strip()
     return config
-'''
+"""
 
 _JS_CART = """function cartTotal(cart, discounts) {
   var total = 0;
