@@ -6,6 +6,10 @@ one decode step of all slots in one batched call; a finished or cancelled reques
 are submitted from any thread; ``submit`` returns a ``RequestHandle`` to iterate (``StreamEvent`` per token), wait
 on (``result()``), ``await`` or ``cancel()``. A prompt that does not fit ``ctx_len`` is refused at ``submit``.
 
+Speculative requests (``prompt_lookup_num_tokens``, ``assistant_model``) check their own proposer's guesses in the
+same batched run: a decode step becomes a verification run of ``k + 1`` columns in which the other rows decode one
+token (``qgraph.speculative``); each request takes as many tokens as it accepted.
+
 A request's whole prompt is prefilled before the next decode step, not one chunk between decode steps: in a decode
 step every slot that is not decoding is a padding row, and a padding row may write its (zero) K/V at a slot the batch
 reaches (``group-query-attention`` places it at the batch's largest position), which would overwrite part of a
@@ -29,7 +33,14 @@ import numpy as np
 from qgraph.backend_api import DecoderSession
 from qgraph.errors import QGraphError
 from qgraph.request import FINISH_CANCELLED, Request, RequestTimes
-from qgraph.runtime import PAD_POSITION, StreamEvent, prefill_rows
+from qgraph.runtime import PAD_POSITION, StepTimer, StreamEvent, prefill_rows
+from qgraph.speculative import (
+    RequestProposers,
+    check_speculation,
+    guesses_asked,
+    max_speculative_tokens,
+    verify_step,
+)
 from qgraph.stats import LatencyStats
 
 logger = logging.getLogger(__name__)
@@ -85,10 +96,11 @@ class RequestHandle:
 
     # -- called by the engine thread --
 
-    def _token(self, token: int) -> None:
+    def _token(self, tokens: list[int]) -> None:
+        """The tokens one step took (one, or several from a speculative step)."""
         if not self.request.done:
             text = self.request.tracker.increment() if self.request.tracker else ""
-            self._events.put(StreamEvent(text, [token]))
+            self._events.put(StreamEvent(text, tokens))
 
     def _finish(self, last_tokens: list[int], device_s: float) -> None:
         request = self.request
@@ -123,6 +135,10 @@ def request_latency(request: Request, device_s: float) -> LatencyStats:
         generated_tokens=len(request.generated),
         decode_tokens=max(len(request.generated) - 1, 0),
         batch_size=1,
+        proposed_tokens=request.speculation.proposed,
+        accepted_tokens=request.speculation.accepted,
+        verify_runs=request.speculation.verified_rows,
+        verified_rows=request.speculation.verified_rows,
     )
 
 
@@ -156,6 +172,9 @@ class Engine:
         self.prefill_s = 0.0
         self.decode_s = 0.0
         self.decode_steps = 0
+        # speculative decoding: each request's own proposer (prompt lookup, a draft model), created on first use
+        self._proposers: RequestProposers | None = None
+        self.speculation = StepTimer()  # totals of guesses proposed / accepted since the engine started
 
     @property
     def ctx_len(self) -> int:
@@ -163,6 +182,9 @@ class Engine:
 
     def submit(self, request: Request) -> RequestHandle:
         """Queue a request (from any thread); it is admitted in submission order as slots free up."""
+        asked = guesses_asked(request, max_speculative_tokens(self.session))
+        if asked:
+            check_speculation(self.session, asked, f"a request asking for {asked} guesses per step")
         handle = RequestHandle(request, self)
         with self._condition:
             if self._closed:
@@ -257,11 +279,20 @@ class Engine:
             lambda ids, pos: self.session.run_row(index, ids, pos),
         )
         token = request.accept(last[0])
+        if request.options.speculative and not request.done:
+            if self._proposers is None:
+                self._proposers = RequestProposers(self.slots, self.ctx_len)
+            self._proposers.admit(index, request)
+        elif self._proposers is not None:
+            self._proposers.admit(index, request)  # the slot's previous proposer forgets it
         slot.device_s += self.session.device_seconds - device
         self.prefill_s += time.perf_counter() - start
-        self._after_token(index, slot, token)
+        self._after_token(index, slot, [token])
 
     def _decode_step(self) -> None:
+        if any(slot.handle.request.options.speculative for slot in self._active.values()):
+            self._speculative_step()
+            return
         start, device = time.perf_counter(), self.session.device_seconds
         ids = np.full((self.slots, 1), self.pad_token_id, dtype=np.int64)
         pos = np.full((self.slots, 1), PAD_POSITION, dtype=np.int64)
@@ -272,15 +303,35 @@ class Engine:
         for index, slot in list(self._active.items()):
             slot.position += 1
             slot.device_s += share
-            self._after_token(index, slot, slot.handle.request.accept(logits[index, -1]))
+            self._after_token(index, slot, [slot.handle.request.accept(logits[index, -1])])
         self.decode_s += time.perf_counter() - start
         self.decode_steps += 1
 
-    def _after_token(self, index: int, slot: _Slot, token: int) -> None:
+    def _speculative_step(self) -> None:
+        """One verification run of all slots: each speculative request checks its own proposer's guesses (the others
+        decode one token in the same run)."""
+        start, device = time.perf_counter(), self.session.device_seconds
+        live = [self._active[i].handle.request if i in self._active else None for i in range(self.slots)]
+        compiled = max_speculative_tokens(self.session)
+        ks = [guesses_asked(r, compiled) if r is not None else 0 for r in live]
+        taken = verify_step(self.session, live, self._proposers, ks, self.pad_token_id, self.speculation)
+        share = (self.session.device_seconds - device) / len(self._active)
+        tokens: dict[int, list[int]] = {}
+        for request, token in taken:
+            tokens.setdefault(id(request), []).append(token)
+        for index, slot in list(self._active.items()):
+            mine = tokens.get(id(slot.handle.request), [])
+            slot.position += len(mine)
+            slot.device_s += share
+            self._after_token(index, slot, mine)
+        self.decode_s += time.perf_counter() - start
+        self.decode_steps += 1
+
+    def _after_token(self, index: int, slot: _Slot, tokens: list[int]) -> None:
         handle = slot.handle
         if handle.request.done:
             with self._condition:
                 self._active.pop(index, None)
-            handle._finish([token], slot.device_s)
+            handle._finish(tokens, slot.device_s)
         else:
-            handle._token(token)
+            handle._token(tokens)

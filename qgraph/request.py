@@ -76,6 +76,15 @@ class RequestTimes:
         }
 
 
+@dataclass
+class SpeculationCounts:
+    """Speculative decoding of one request: guesses checked, guesses accepted, verifications that checked any."""
+
+    proposed: int = 0
+    accepted: int = 0
+    verified_rows: int = 0
+
+
 class Request:
     """A prompt on its way to a completion. ``limit`` caps its new tokens by ``max_new_tokens`` and ``ctx_len``."""
 
@@ -105,6 +114,7 @@ class Request:
         self.choose = TokenChooser(options.sampling)
         self.tracker = TextTracker(tokenizer, options.stop) if tokenizer is not None else None
         self.generated: list[int] = []
+        self.speculation = SpeculationCounts()
         self.finish_reason: str | None = None
         self.times = RequestTimes(
             submitted=time.perf_counter() if submitted is None else submitted, prompt_tokens=len(self.prompt_ids)
@@ -116,7 +126,21 @@ class Request:
 
     def accept(self, logits: np.ndarray) -> int:
         """Choose the next token from this request's row of logits ``[V]`` and record it."""
-        token = self.choose(logits, itertools.chain(self.prompt_ids, self.generated))
+        return self.take(self.choose(logits, itertools.chain(self.prompt_ids, self.generated)))
+
+    @property
+    def next_position(self) -> int:
+        """Where the last generated token is fed to the model (its K/V slot)."""
+        return len(self.prompt_ids) + len(self.generated) - 1
+
+    @property
+    def context(self) -> list[int]:
+        """Every token of the sequence so far: the prompt, then the generated ones."""
+        return self.prompt_ids + self.generated
+
+    def take(self, token: int) -> int:
+        """Record a token chosen elsewhere (speculative sampling's acceptance rule) and check the stop conditions."""
+        token = int(token)
         now = time.perf_counter()
         if self.times.first_token is None:
             self.times.first_token = now
