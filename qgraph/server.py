@@ -43,10 +43,18 @@ RETRY_AFTER_S = 1
 
 @dataclass
 class Served:
-    """What the server runs: a compiled model (with ``full_batch_size``) and its tokenizer."""
+    """What the server runs: a compiled model (with ``full_batch_size``) and its tokenizer, and optionally a compiled
+    draft model every request drafts with (``qgraph serve --assistant-model``) unless it asks for prompt lookup."""
 
     model: Any
     tokenizer: Any
+    assistant_model: Any = None
+
+    def options(self, given: dict[str, Any]) -> dict[str, Any]:
+        """A request's generate options, with the server's draft model unless the request chose prompt lookup."""
+        if self.assistant_model is None or "prompt_lookup_num_tokens" in given:
+            return given
+        return given | {"assistant_model": self.assistant_model}
 
 
 class ServerMetrics:
@@ -189,7 +197,7 @@ def create_app(
             return error(429, f"the server is at its limit of {max_queue} requests; retry shortly", "rate_limit_error",
                          headers={"Retry-After": str(RETRY_AFTER_S)})  # fmt: skip
         try:
-            handle = submit(served, body.engine_options())
+            handle = submit(served, served.options(body.engine_options()))
         except QGraphError as exc:
             admission.leave()
             metrics.requests.labels(endpoint, "400").inc()

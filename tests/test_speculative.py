@@ -22,7 +22,7 @@ from qgraph.request import Request
 from qgraph.runtime import StepTimer
 from qgraph.speculative import speculative_batch_steps
 from tests.parity import LONG_PROMPT, hf_greedy
-from tests.tiny_models import VOCAB_SIZE
+from tests.tiny_models import VOCAB_SIZE, make_tokenizer
 
 ARCHS = ["gpt2", "llama", "qwen2", "mistral"]
 K_MAX = 8
@@ -420,3 +420,61 @@ def test_seeded_speculative_sampling_repeats_and_top_k_1_is_greedy(compiled, int
         assert compiled.model.generate(tokenizer, PROMPTS, **sample, **speculation).generated_ids == once
         greedy = compiled.model.generate(tokenizer, PROMPTS, **(sample | {"top_k": 1}), **speculation)
         assert greedy.generated_ids == compiled.plain  # a one-token distribution: sampling is greedy
+
+
+# -- the CLI and the server take the same names -----------------------------------------------------------------------
+
+
+def test_cli_prompt_lookup_and_assistant_model_print_plain_greedy(
+    compiled, tiny_model_dir, cache_dir, tmp_path, capsys
+):
+    from qgraph.cli import main
+
+    if compiled.arch != "llama":
+        pytest.skip("one architecture is enough for the flags")
+    tokenizer_dir = tmp_path / "tok"
+    tokenizer = make_tokenizer(tokenizer_dir)
+    expected = tokenizer.decode(compiled.plain[1], skip_special_tokens=True)
+    model = str(tiny_model_dir("llama"))
+    argv = ["infer", "--model", model, "--tokenizer", str(tokenizer_dir), "--prompt", PROMPTS[1]]
+    argv += ["--prompt-len", "8", "--ctx-len", str(CTX), "--cache-dir", str(cache_dir), "--max-new-tokens", str(NEW)]
+    for extra in (["--prompt-lookup-num-tokens", "4"], ["--assistant-model", model, "--assistant-precision", "int4"]):
+        capsys.readouterr()
+        assert main(argv + extra) == 0
+        out = capsys.readouterr().out
+        assert out.startswith(f"{PROMPTS[1]}{expected}\n") and "proposed" in out
+    assert main(argv + ["--prompt-lookup-num-tokens", "4", "--num-speculative-tokens", "2"]) == 2
+    assert "num_speculative_tokens >= 4" in capsys.readouterr().err
+
+
+def test_server_takes_prompt_lookup_num_tokens_and_a_draft_model(engine_model, tiny_model_dir, cache_dir, tokenizer):
+    """One server with a draft model (``--assistant-model``): a request asking for prompt lookup uses it, the others
+    draft; both answer like plain greedy. Too many guesses is a 400 naming the compile."""
+    openai = pytest.importorskip("openai")
+    pytest.importorskip("uvicorn")
+    from qgraph.server import Served, create_app
+    from tests.test_server import _start
+
+    directory = str(tiny_model_dir("llama"))
+    model = QEFFAutoModelForCausalLM.from_pretrained(directory, cache_dir=cache_dir, verbose=False)
+    model.compile(prefill_seq_len=8, ctx_len=CTX, full_batch_size=4, num_speculative_tokens=K_MAX)  # cached
+    draft = QEFFAutoModelForCausalLM.from_pretrained(directory, cache_dir=cache_dir, verbose=False)
+    draft.compile(prefill_seq_len=8, ctx_len=CTX, precision="int4")
+    expected = engine_model.generate(tokenizer, PROMPTS[1], max_new_tokens=NEW, verbose=False).generated_texts[0]
+    served = Served(model, tokenizer, assistant_model=draft)
+    url, server, thread = _start(create_app(lambda: served, "tiny", max_queue=4))
+    try:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
+        for extra in ({"prompt_lookup_num_tokens": 8}, {}):
+            response = client.completions.create(
+                model="tiny", prompt=PROMPTS[1], max_tokens=NEW, temperature=0, extra_body=extra
+            )
+            assert response.choices[0].text == expected
+        assert model.engine.speculation.proposed > 0
+        with pytest.raises(openai.BadRequestError, match="num_speculative_tokens >= 9"):
+            client.completions.create(
+                model="tiny", prompt=PROMPTS[1], temperature=0, extra_body={"prompt_lookup_num_tokens": 9}
+            )
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
