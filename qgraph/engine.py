@@ -25,7 +25,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,9 +59,11 @@ class Completion:
 
 
 class RequestHandle:
-    """A submitted request: iterate it for ``StreamEvent``s, ``result()`` to wait, ``await`` it, or ``cancel()``.
+    """A submitted request: iterate it for ``StreamEvent``s (``for``, or ``async for`` over ``stream()``),
+    ``result()`` to wait, ``await`` it, or ``cancel()``.
 
-    Iteration hands out each event once (one consumer); ``result()`` and ``await`` may be used as well or instead.
+    Iteration hands out each event once (one consumer, sync or async); ``result()`` and ``await`` may be used as well
+    or instead.
     """
 
     def __init__(self, request: Request, engine: Engine):
@@ -69,6 +71,7 @@ class RequestHandle:
         self._engine = engine
         self._events: queue.SimpleQueue[StreamEvent | BaseException] = queue.SimpleQueue()
         self._future: concurrent.futures.Future[Completion] = concurrent.futures.Future()
+        self._wake: Callable[[], None] | None = None  # set by stream(): tells its event loop an event is queued
         self.cancel_requested = False
 
     def __iter__(self) -> Iterator[StreamEvent]:
@@ -79,6 +82,37 @@ class RequestHandle:
             yield event
             if event.finish_reason is not None:
                 return
+
+    async def stream(self) -> AsyncIterator[StreamEvent]:
+        """The events in an event loop, without a thread per waiting consumer: the engine thread wakes the loop
+        (``call_soon_threadsafe``) after each event it queues."""
+        loop = asyncio.get_running_loop()
+        queued = asyncio.Event()
+        self._wake = lambda: loop.call_soon_threadsafe(queued.set)
+        try:
+            while True:
+                try:
+                    event = self._events.get_nowait()
+                except queue.Empty:
+                    await queued.wait()
+                    queued.clear()
+                    continue
+                if isinstance(event, BaseException):
+                    raise event
+                yield event
+                if event.finish_reason is not None:
+                    return
+        finally:
+            self._wake = None
+
+    def _put(self, event: StreamEvent | BaseException) -> None:
+        self._events.put(event)
+        wake = self._wake
+        if wake is not None:
+            try:
+                wake()
+            except RuntimeError:  # the consumer's loop is closed: nobody is listening any more
+                pass
 
     def result(self, timeout: float | None = None) -> Completion:
         return self._future.result(timeout)
@@ -100,13 +134,13 @@ class RequestHandle:
         """The tokens one step took (one, or several from a speculative step)."""
         if not self.request.done:
             text = self.request.tracker.increment() if self.request.tracker else ""
-            self._events.put(StreamEvent(text, tokens))
+            self._put(StreamEvent(text, tokens))
 
     def _finish(self, last_tokens: list[int], device_s: float) -> None:
         request = self.request
         text = request.tracker.increment(finished=True) if request.tracker else ""
         stats = request_latency(request, device_s)
-        self._events.put(StreamEvent(text, last_tokens, request.finish_reason, stats))
+        self._put(StreamEvent(text, last_tokens, request.finish_reason, stats))
         self._future.set_result(
             Completion(
                 request.prompt_ids, list(request.generated), request.text, request.finish_reason, request.times, stats
@@ -114,7 +148,7 @@ class RequestHandle:
         )
 
     def _fail(self, error: BaseException) -> None:
-        self._events.put(error)
+        self._put(error)
         if not self._future.done():
             self._future.set_exception(error)
 
