@@ -79,6 +79,11 @@ def _group_steps(
     for r in group:
         r.times.admitted = t0
     last = prefill_rows(session, rows, pad_token_id)
+    # the proposer takes the prompts in before the first token: a draft model's prefill is prompt processing (TTFT),
+    # not decode time
+    proposer.reset(len(rows))
+    for i, r in enumerate(group):
+        proposer.admit(i, r)
     taken = [(r, r.accept(last[i])) for i, r in enumerate(group)]
     t1 = time.perf_counter()
     timer.prefill_s += t1 - t0
@@ -86,10 +91,6 @@ def _group_steps(
         timer.first_token = t1
     try:
         yield taken
-        proposer.reset(len(rows))
-        for i, r in enumerate(group):
-            if not r.done:
-                proposer.admit(i, r)
         while True:
             live = [r if r is not None and not r.done else None for r in rows_of(group, len(rows))]
             if not any(r is not None for r in live):

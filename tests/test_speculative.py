@@ -270,7 +270,7 @@ def test_prompt_lookup_backs_off_after_misses():
 
 
 def test_draft_probabilities_are_returned_when_sampling(compiled, int4_draft, tokenizer):
-    draft = DraftModel(int4_draft, 3)
+    draft = DraftModel(int4_draft, 3, confidence_threshold=0.0)  # every guess, however unsure
     draft.reset(1)
     options = GenerationOptions(max_new_tokens=8)
     sampling = GenerationOptions(
@@ -287,6 +287,21 @@ def test_draft_probabilities_are_returned_when_sampling(compiled, int4_draft, to
             assert proposal.probs.shape == (3, VOCAB_SIZE)
             np.testing.assert_allclose(proposal.probs.sum(axis=1), 1.0, rtol=1e-6)
             assert all(proposal.probs[j, t] > 0 for j, t in enumerate(proposal.tokens))
+
+
+def test_the_draft_stops_after_a_guess_it_is_not_confident_of(compiled, int4_draft, tokenizer):
+    """transformers' assistant_confidence_threshold: the guesses end with the first one whose draft probability is
+    below the threshold (a tiny random model is never sure: threshold 1 keeps one guess, 0 keeps all)."""
+    request = Request(tokenizer(PROMPTS[1])["input_ids"], GenerationOptions(max_new_tokens=8), CTX)
+    request.take(5)
+    proposals = {}
+    for threshold in (0.0, 1.0):
+        draft = DraftModel(int4_draft, 3, confidence_threshold=threshold)
+        draft.reset(1)
+        draft.admit(0, request)
+        [proposals[threshold]] = draft.propose([request], [3])
+    assert len(proposals[0.0].tokens) == 3
+    assert proposals[1.0].tokens == proposals[0.0].tokens[:1]
 
 
 def test_without_speculation_nothing_changes(compiled, tokenizer):
