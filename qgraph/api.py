@@ -314,6 +314,7 @@ class QEFFAutoModelForCausalLM:
         passes: str | Sequence[str] | None = None,
         verify: bool = False,
         full_batch_size: int | None = None,
+        quantization: dict[str, Any] | None = None,
         **backend_options: Any,
     ) -> Path:
         """Export (if needed), run the backend's passes and compile; returns the artifact directory.
@@ -321,6 +322,9 @@ class QEFFAutoModelForCausalLM:
         Options a backend does not act on (e.g. ``num_cores`` on ONNX Runtime) are accepted and listed in a note.
         ``full_batch_size=N`` (QEfficient's name) compiles for continuous batching: ``generate`` and ``submit`` then
         run requests through an engine of N KV slots (``model.engine``).
+        ``quantization`` overrides options of the ``quantize-weights`` pass that ``precision="int8"|"int4"`` runs
+        (``qgraph.pipelines.QUANTIZATION_DEFAULTS``; the README's sweep table shows what each costs), e.g.
+        ``{"head_bits": 4, "symmetric": True, "block_size": 64}``.
         ``verify`` re-hashes every cached file reused instead of trusting unchanged sizes and mtimes. A compile that
         fails leaves the model uncompiled (never holding the previous artifact unannounced).
         """
@@ -343,6 +347,7 @@ class QEFFAutoModelForCausalLM:
             precision=precision,
             extra=backend_options,
             full_batch_size=full_batch_size,
+            quantization=quantization,
         )
         explicit = ({"num_cores": num_cores} if num_cores is not None else {}) | backend_options
         ignored = unused_options(target, explicit)
