@@ -159,4 +159,5 @@ class AI100Backend:
             ctx_len=manifest["ctx_len"],
             batch_size=manifest["batch_size"],
             full_batch_size=manifest.get("full_batch_size"),
+            num_speculative_tokens=manifest.get("num_speculative_tokens"),
         )

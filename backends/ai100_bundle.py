@@ -4,7 +4,8 @@ A bundle is a directory that compiles on any machine with the card, with nothing
 
 - ``model.onnx`` (+ ``model.onnx.data``): the retained-state graph, its I/O dimensions named after the
   specialization symbols (``batch_size``, ``seq_len``, ``ctx_len``);
-- ``specializations.json``: one prefill entry (``seq_len`` = prefill length) and one decode entry (``seq_len`` 1);
+- ``specializations.json``: one prefill entry (``seq_len`` = prefill length) and one decode entry (``seq_len`` 1),
+  with ``num_speculative_tokens=k`` a verification entry (``seq_len`` k + 1), as QEfficient's target-model bundle;
 - ``custom_io.yaml``: every ``past_*`` input and ``*_RetainedState`` output with its on-device precision;
 - ``mdp_partition.json`` when the program spans several cards;
 - ``compile.sh``: the exact ``qaic-exec`` command line, and ``bundle.json``, the same facts as data.
@@ -75,6 +76,7 @@ class BundleSettings:
     num_devices: int = 1
     compiler_options: Mapping[str, Any] = field(default_factory=dict)
     full_batch_size: int | None = None  # continuous batching: KV slots, selected per run by batch_index
+    num_speculative_tokens: int | None = None  # speculative decoding: a verification specialization of k + 1 tokens
 
     @classmethod
     def from_options(cls, options: CompileOptions) -> BundleSettings:
@@ -113,6 +115,7 @@ class BundleSettings:
             num_devices=int(num_devices),
             compiler_options=passthrough,
             full_batch_size=options.full_batch_size,
+            num_speculative_tokens=options.num_speculative_tokens,
         )
 
     @property
@@ -178,7 +181,10 @@ def name_specialization_dims(graph: ir.Graph, ctx_len: int) -> None:
                 raise QGraphError(f"{name} has shape {value.shape}; expected [batch, heads, {ctx_len}, head_dim]")
             dims[0], dims[2], changed = ir.SymbolicDim(kv_batch), ir.SymbolicDim("ctx_len"), True
         elif value in io and name in (INPUT_IDS, POSITION_IDS, LOGITS):
-            dims[0], dims[1], changed = ir.SymbolicDim("batch_size"), ir.SymbolicDim("seq_len"), True
+            # speculative logits keep min(seq_len, k + 1) positions: that dimension is the compiler's to infer
+            kept = name == LOGITS and len(dims) == 3 and getattr(dims[1], "value", None) == "logits_positions"
+            dims[0], changed = ir.SymbolicDim("batch_size"), True
+            dims[1] = dims[1] if kept else ir.SymbolicDim("seq_len")
         elif value in io and name == BATCH_INDEX:
             dims, changed = [ir.SymbolicDim("batch_size"), 1], True
         if changed:
@@ -189,20 +195,21 @@ def name_specialization_dims(graph: ir.Graph, ctx_len: int) -> None:
 
 
 def specializations(settings: BundleSettings) -> dict[str, list[dict[str, str]]]:
-    """Prefill then decode, values as strings (the plain-list form every SDK version accepts).
+    """Prefill then decode (then verification), values as strings (the plain-list form every SDK version accepts).
 
     With ``full_batch_size`` (QEfficient's continuous batching): prefill is one request (``batch_size`` 1) into the
-    slot its ``batch_index`` names, decode runs all ``full_batch_size`` slots."""
+    slot its ``batch_index`` names, decode (and verification) runs all ``full_batch_size`` slots. With
+    ``num_speculative_tokens=k`` a verification entry feeds ``k + 1`` tokens per row."""
+    verify = (settings.num_speculative_tokens + 1,) if settings.num_speculative_tokens else ()
     if settings.full_batch_size:
         fbs, ctx = str(settings.full_batch_size), str(settings.ctx_len)
-        return {
-            "specializations": [
-                {"batch_size": "1", "seq_len": str(settings.prefill_seq_len), "ctx_len": ctx, "full_batch_size": fbs},
-                {"batch_size": fbs, "seq_len": "1", "ctx_len": ctx, "full_batch_size": fbs},
-            ]
-        }
+        prefill = str(settings.prefill_seq_len)
+        entries = [{"batch_size": "1", "seq_len": prefill, "ctx_len": ctx, "full_batch_size": fbs}]
+        for seq_len in dict.fromkeys((1, *verify)):
+            entries.append({"batch_size": fbs, "seq_len": str(seq_len), "ctx_len": ctx, "full_batch_size": fbs})
+        return {"specializations": entries}
     entries = []
-    for seq_len in dict.fromkeys((settings.prefill_seq_len, 1)):  # one entry when prefill is one token long
+    for seq_len in dict.fromkeys((settings.prefill_seq_len, 1, *verify)):  # no repeats (prefill of one token)
         entries.append(
             {"batch_size": str(settings.batch_size), "seq_len": str(seq_len), "ctx_len": str(settings.ctx_len)}
         )
@@ -312,6 +319,7 @@ def write_manifest(directory: Path, argv: list[str], settings: BundleSettings, c
         "batch_size": settings.batch_size,
         "full_batch_size": settings.full_batch_size,
         "prefill_seq_len": settings.prefill_seq_len,
+        "num_speculative_tokens": settings.num_speculative_tokens,
         "ctx_len": settings.ctx_len,
         "num_devices": settings.num_devices,
         "kv_precision": settings.kv_precision,

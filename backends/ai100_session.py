@@ -68,6 +68,7 @@ class QAICDecoderSession:
         ctx_len: int,
         batch_size: int,
         full_batch_size: int | None = None,
+        num_speculative_tokens: int | None = None,
     ):
         qaicrt, aicapi = import_sdk()
         self._rt = qaicrt
@@ -98,8 +99,10 @@ class QAICDecoderSession:
         self.outputs = {b.name for b in self.bindings if b.dir == aicapi.BUFFER_IO_TYPE_OUTPUT}
         logits_dims = list(self.bindings[self.index[LOGITS]].dims)
         self.vocab_size = int(logits_dims[-1])
-        # [b, 1, V] in the program: the graph keeps only each row's last valid token (last-token-logits)
-        self.last_token_logits = len(logits_dims) == 3 and int(logits_dims[1]) == 1
+        # the logits layout (qgraph.runtime.logits_positions): [b, 1, V] in the program when the graph keeps only each
+        # row's last valid token (last-token-logits); the last min(s, k + 1) when compiled for speculative decoding
+        last_token = len(logits_dims) == 3 and int(logits_dims[1]) == 1
+        self.logits_positions = (num_speculative_tokens + 1) if num_speculative_tokens else (1 if last_token else None)
         self.kv_names = retained_buffers(b.name for b in self.bindings)
         self.continuous_batching = BATCH_INDEX in self.index  # compiled with full_batch_size (kv-batch-index)
         self.full_batch_size = full_batch_size
@@ -137,7 +140,7 @@ class QAICDecoderSession:
     def _execute(self, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
         ok = self._rt.QStatus.QS_SUCCESS
         batch, seq = input_ids.shape
-        rows = 1 if self.last_token_logits else seq
+        rows = seq if self.logits_positions is None else min(seq, self.logits_positions)
         self._bind(INPUT_IDS, np.ascontiguousarray(input_ids, dtype=self.dtype[INPUT_IDS]))
         self._bind(POSITION_IDS, np.ascontiguousarray(position_ids, dtype=self.dtype[POSITION_IDS]))
         self._bind(LOGITS, np.zeros((batch, rows, self.vocab_size), dtype=self.dtype[LOGITS]))

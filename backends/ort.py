@@ -60,11 +60,14 @@ class OrtDecoderSession:
         self.ctx_len = int(self.state_shapes[self.state_names[0]][2])
         logits = self.session.get_outputs()[0]
         self.logits_name = logits.name
-        self.last_token_only = len(logits.shape) == 3 and logits.shape[1] == 1
         self.vocab_size = logits.shape[-1] if isinstance(logits.shape[-1], int) else None
         self.logits_dtype = _numpy_dtype(logits.type)
         self._logits_buffers: dict[tuple[int, int], tuple[np.ndarray, Any]] = {}
         facts = facts or graph_facts(model_path)  # recorded at compile: reading the graph again costs memory
+        # logits layout (qgraph.runtime.row_logits): None = every column; n = the last min(s, n) tokens of each row
+        # (last-token-logits: 1, or k + 1 for speculative verification)
+        last_token_only = len(logits.shape) == 3 and logits.shape[1] == 1
+        self.logits_positions: int | None = facts.get("logits_positions") or (1 if last_token_only else None)
         self.in_place = facts["in_place"]
         # ORT's CPU GroupQueryAttention takes a later prompt chunk (past context, s > 1) for one row at a time
         self.rows_one_by_one = facts["rows_one_by_one"]
@@ -125,7 +128,7 @@ class OrtDecoderSession:
             logits = self._run(self._binding, ids, pos)
         if not self.in_place:
             self._swap()
-        if not self.last_token_only and logits.shape[1] < width:
+        if self.logits_positions is None and logits.shape[1] < width:
             logits = np.pad(logits, ((0, 0), (0, width - logits.shape[1]), (0, 0)))
         return logits
 
@@ -149,7 +152,7 @@ class OrtDecoderSession:
         KV buffers too), ~0.25 ms a step on a 30-layer model."""
         if self.vocab_size is None:
             return None
-        shape = (batch, 1 if self.last_token_only else width)
+        shape = (batch, width if self.logits_positions is None else min(width, self.logits_positions))
         if shape not in self._logits_buffers:
             array = np.empty((*shape, self.vocab_size), dtype=self.logits_dtype)
             self._logits_buffers[shape] = (array, self._ort.OrtValue.ortvalue_from_numpy(array))
@@ -169,7 +172,7 @@ class OrtDecoderSession:
         logits = self._run(self._bind(list(zip(current, following, strict=True))), ids, pos)
         for array, new in zip(self._arrays, scratch or [], strict=False):
             array[row] = new[0]
-        if not self.last_token_only and logits.shape[1] < input_ids.shape[1]:
+        if self.logits_positions is None and logits.shape[1] < input_ids.shape[1]:
             logits = np.pad(logits, ((0, 0), (0, input_ids.shape[1] - logits.shape[1]), (0, 0)))
         return logits
 
@@ -189,10 +192,14 @@ class OrtDecoderSession:
             row_ids, row_pos = _without_trailing_padding(ids[row : row + 1], pos[row : row + 1])
             rows[row] = self._run(binding, row_ids, row_pos)[0]
         some = next(iter(rows.values()))
-        length = 1 if self.last_token_only else ids.shape[1]
+        kept = self.logits_positions
+        length = ids.shape[1] if kept is None else min(ids.shape[1], kept)
         logits = np.zeros((ids.shape[0], length, some.shape[-1]), dtype=np.float32)
         for row, values in rows.items():
-            logits[row, : values.shape[0]] = values
+            if kept is None:
+                logits[row, : values.shape[0]] = values
+            else:  # each row's last valid token last (a row's own run may be narrower)
+                logits[row, length - values.shape[0] :] = values
         return logits
 
 
@@ -208,11 +215,14 @@ def graph_facts(model_path: Path) -> dict[str, bool]:
     may be updated in place, and whether later prompt chunks must run row by row (ORT's CPU GroupQueryAttention)."""
     import onnx
 
-    graph = onnx.load(str(model_path), load_external_data=False).graph
+    model = onnx.load(str(model_path), load_external_data=False)
+    graph = model.graph
     state_names = [i.name for i in graph.input if i.name.startswith("past_")]
+    positions = next((int(p.value) for p in model.metadata_props if p.key == contract.LOGITS_POSITIONS_METADATA), None)
     return {
         "in_place": _state_updated_in_place(graph, state_names),
         "rows_one_by_one": any(n.op_type == "GroupQueryAttention" for n in graph.node),
+        "logits_positions": positions,
     }
 
 

@@ -12,6 +12,13 @@ the output (logit scaling, soft-capping) follow the smaller shape unchanged.
 Contract change (hence an option, not a default by itself): ``logits`` is ``[b, 1, V]`` for every sequence length.
 A runtime must read ``logits[:, 0]`` (row i's last valid token) when ``s > 1``; decode (``s = 1``) is unchanged. The
 ORT backend accepts both shapes (see ``backends/ort.py``).
+
+Speculative decoding (``positions=k + 1``, compile option ``num_speculative_tokens=k``): a verification run feeds
+``k + 1`` tokens per row and needs the logits of all of them. The pass then keeps the ``n = min(s, k + 1)`` positions
+ending at each row's last valid token: ``logits`` is ``[b, n, V]``, ``logits[i, -1]`` is row i's last valid token and
+``logits[i, n - 1 - j]`` the token ``j`` columns before it (indices before a row's first column repeat its first
+column). Decode (``s = 1``) stays ``[b, 1, V]``; prefill reads ``logits[:, -1]``. The model's metadata records the
+count (``qgraph.logits_positions``) so a session knows the layout without reading the graph's nodes.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from __future__ import annotations
 import onnx_ir as ir
 from onnx_ir.passes import PreconditionError
 
-from qgraph.contract import ATTENTION_MASK, LOGITS, POSITION_IDS
+from qgraph.contract import ATTENTION_MASK, LOGITS, LOGITS_POSITIONS_METADATA, POSITION_IDS
 from qgraph.pass_manager import CountedResult, GraphPass
 
 HEAD_OPS = {("", "MatMul"), ("ai.onnx", "MatMul"), ("com.microsoft", "MatMulNBits")}
@@ -58,7 +65,15 @@ class LastTokenLogits(GraphPass):
     """Gather each row's last valid hidden state before the LM head (``logits`` -> ``[b, 1, V]``)."""
 
     name = "last-token-logits"
-    summary = "LM head on each row's last valid token only (largest position_ids); logits [b, 1, V]"
+    summary = (
+        "LM head on each row's last valid token only (largest position_ids); logits [b, 1, V] "
+        "(positions=n: the last min(s, n) tokens of each row, for speculative verification)"
+    )
+
+    def __init__(self, positions: int = 1):
+        if isinstance(positions, bool) or not isinstance(positions, int) or positions < 1:
+            raise ValueError(f"positions must be an integer >= 1, got {positions!r}")
+        self.positions = positions
 
     def requires(self, model: ir.Model) -> None:
         names = {v.name for v in model.graph.inputs}
@@ -77,19 +92,24 @@ class LastTokenLogits(GraphPass):
         hidden = head.inputs[0]
         position_ids = next(v for v in graph.inputs if v.name == POSITION_IDS)
         argmax = ir.node("ArgMax", [position_ids], {"axis": 1, "keepdims": 1}, name=f"{MARK}_argmax")
-        gather = ir.node("GatherND", [hidden, argmax.outputs[0]], {"batch_dims": 1}, name=f"{MARK}_gather")
-        axes = ir.Value(name=f"{MARK}_axes", shape=ir.Shape([1]), type=ir.TensorType(ir.DataType.INT64))
-        axes.const_value = ir.tensor([1], dtype=ir.DataType.INT64, name=axes.name)
-        graph.register_initializer(axes)
-        unsqueeze = ir.node("Unsqueeze", [gather.outputs[0], axes], name=f"{MARK}_unsqueeze")
-        graph.insert_before(head, [argmax, gather, unsqueeze])
+        if self.positions == 1:
+            gather = ir.node("GatherND", [hidden, argmax.outputs[0]], {"batch_dims": 1}, name=f"{MARK}_gather")
+            unsqueeze = ir.node("Unsqueeze", [gather.outputs[0], _ints(graph, "axes", [1])], name=f"{MARK}_unsqueeze")
+            new_nodes = [argmax, gather, unsqueeze]
+            kept: int | str = 1
+        else:
+            new_nodes = [argmax, *self._last_positions(graph, hidden, argmax.outputs[0])]
+            unsqueeze = new_nodes[-1]
+            kept = "logits_positions"
+            model.metadata_props[LOGITS_POSITIONS_METADATA] = str(self.positions)
+        graph.insert_before(head, new_nodes)
         head.replace_input_with(0, unsqueeze.outputs[0])
         if hidden.shape is not None and len(hidden.shape) == 3:
-            unsqueeze.outputs[0].shape = ir.Shape([hidden.shape[0], 1, hidden.shape[2]])
+            unsqueeze.outputs[0].shape = ir.Shape([hidden.shape[0], kept, hidden.shape[2]])
             unsqueeze.outputs[0].type = hidden.type
         logits = next(o for o in graph.outputs if o.name == LOGITS)
         if logits.shape is not None and len(logits.shape) == 3:
-            logits.shape = ir.Shape([logits.shape[0], 1, logits.shape[2]])
+            logits.shape = ir.Shape([logits.shape[0], kept, logits.shape[2]])
         # downstream intermediate shapes were inferred for [b, s, V]: clear them, ORT infers again
         node = logits.producer()
         while node is not None and node is not head:
@@ -101,7 +121,37 @@ class LastTokenLogits(GraphPass):
         head.outputs[0].shape = None if head.outputs[0] is not logits else head.outputs[0].shape
         return self.result(model, gathered=1)
 
+    def _last_positions(self, graph: ir.Graph, hidden: ir.Value, last: ir.Value) -> list[ir.Node]:
+        """``hidden[i, last_i - n + 1 .. last_i]`` (indices clamped at 0) with ``n = min(s, positions)``: [b, n, H]."""
+        nodes: list[ir.Node] = []
+
+        def add(op: str, inputs: list[ir.Value], **attrs) -> ir.Value:
+            nodes.append(ir.node(op, inputs, attrs, name=f"{MARK}_{op.lower()}_{len(nodes)}"))
+            return nodes[-1].outputs[0]
+
+        zero, one = _ints(graph, "zero", 0), _ints(graph, "one", 1)
+        seq = add("Shape", [hidden], start=1, end=2)  # [1]
+        count = add("Min", [seq, _ints(graph, "positions", [self.positions])])  # [1]: n
+        offsets = add("Range", [zero, add("Squeeze", [count]), one])  # [n]: 0 .. n-1
+        first = add("Sub", [last, add("Sub", [count, one])])  # [b, 1]: last - (n - 1)
+        index = add("Max", [add("Add", [first, add("Unsqueeze", [offsets, _ints(graph, "axes0", [0])])]), zero])
+        index = add("Unsqueeze", [index, _ints(graph, "axes2", [2])])  # [b, n, 1]
+        add("GatherND", [hidden, index], batch_dims=1)  # [b, n, H]
+        return nodes
+
     def ensures(self, model: ir.Model) -> None:
         logits = next(o for o in model.graph.outputs if o.name == LOGITS)
-        if logits.shape is not None and len(logits.shape) == 3 and logits.shape[1] != 1:
+        if self.positions == 1 and logits.shape is not None and len(logits.shape) == 3 and logits.shape[1] != 1:
             raise ValueError(f"logits shape is {logits.shape}, expected [b, 1, V]")
+
+
+def _ints(graph: ir.Graph, name: str, values: int | list[int]) -> ir.Value:
+    """An int64 initializer of this pass (a scalar for an int), registered once."""
+    full = f"{MARK}_{name}"
+    if full in graph.initializers:
+        return graph.initializers[full]
+    shape = ir.Shape([]) if isinstance(values, int) else ir.Shape([len(values)])
+    value = ir.Value(name=full, shape=shape, type=ir.TensorType(ir.DataType.INT64))
+    value.const_value = ir.tensor(values, dtype=ir.DataType.INT64, name=full)
+    graph.register_initializer(value)
+    return value

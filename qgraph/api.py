@@ -34,9 +34,11 @@ from qgraph.errors import ModelNotFoundError, QGraphError
 from qgraph.pipeline_spec import PassSpec, parse_pipeline
 from qgraph.progress import note, show, step
 from qgraph.prompts import prompt_token_ids
+from qgraph.proposers import DraftModel, PromptLookup, Proposer
 from qgraph.registry import pass_registry
 from qgraph.request import Request
 from qgraph.runtime import GenerationResult, StepTimer, StreamEvent, latency_stats, static_batch_steps
+from qgraph.speculative import check_speculation, speculative_batch_steps
 from qgraph.stats import LatencyStats
 from qgraph.validation import check_pipeline, check_prompts, check_token_ids
 
@@ -189,6 +191,20 @@ class QEFFAutoModelForCausalLM:
                 )
         return self._model
 
+    def reference_model(self):
+        """HF transformers' float32 model of the same weights, the reference a compiled model is compared with
+        (``qgraph.evaluation``): loaded fresh from the checkpoint and not kept, or the model object given."""
+        if self._checkpoint is None or self._model is not None:
+            return self._materialised_model()
+        import torch
+
+        return load_hf_model(self._checkpoint.directory, dtype=torch.float32, **self._hf_kwargs)
+
+    @property
+    def checkpoint_directory(self) -> Path | None:
+        """The local directory of the checkpoint (its config, weights and tokenizer); None for a model object."""
+        return self._checkpoint.directory if self._checkpoint else None
+
     @property
     def model_loaded(self) -> bool:
         """Whether the PyTorch model is in memory (a cached artifact never needs it)."""
@@ -314,6 +330,7 @@ class QEFFAutoModelForCausalLM:
         passes: str | Sequence[str] | None = None,
         verify: bool = False,
         full_batch_size: int | None = None,
+        num_speculative_tokens: int | None = None,
         quantization: dict[str, Any] | None = None,
         **backend_options: Any,
     ) -> Path:
@@ -321,7 +338,9 @@ class QEFFAutoModelForCausalLM:
 
         Options a backend does not act on (e.g. ``num_cores`` on ONNX Runtime) are accepted and listed in a note.
         ``full_batch_size=N`` (QEfficient's name) compiles for continuous batching: ``generate`` and ``submit`` then
-        run requests through an engine of N KV slots (``model.engine``).
+        run requests through an engine of N KV slots (``model.engine``). ``num_speculative_tokens=k`` (QEfficient's
+        name) lets a run verify ``k`` guessed tokens per row: ``generate(..., prompt_lookup_num_tokens=k)`` or
+        ``generate(..., assistant_model=draft)`` then decode speculatively (same greedy tokens, fewer runs).
         ``quantization`` overrides options of the ``quantize-weights`` pass that ``precision="int8"|"int4"`` runs
         (``qgraph.pipelines.QUANTIZATION_DEFAULTS``; the README's sweep table shows what each costs), e.g.
         ``{"head_bits": 4, "symmetric": True, "block_size": 64}``.
@@ -347,6 +366,7 @@ class QEFFAutoModelForCausalLM:
             precision=precision,
             extra=backend_options,
             full_batch_size=full_batch_size,
+            num_speculative_tokens=num_speculative_tokens,
             quantization=quantization,
         )
         explicit = ({"num_cores": num_cores} if num_cores is not None else {}) | backend_options
@@ -403,12 +423,61 @@ class QEFFAutoModelForCausalLM:
             check_prompts(prompts)
         texts, prompt_ids = prompt_token_ids(tokenizer, prompts, messages)
         check_token_ids(prompt_ids, self.vocab_size)
+        self._check_speculation(resolved)
         ctx_len = self.artifact.options.ctx_len
         requests = [
             Request(ids, resolved, ctx_len, tokenizer, index=i, submitted=start) for i, ids in enumerate(prompt_ids)
         ]
         notes += [r.capped_note for r in requests if r.capped_note]
         return requests, texts, notes
+
+    def _check_speculation(self, options) -> None:
+        """Refuse speculative decoding this compile cannot verify, before anything runs."""
+        if not options.speculative:
+            return
+        if options.assistant_model is self:
+            raise QGraphError(
+                "assistant_model is this model itself; give another QEFFAutoModelForCausalLM (e.g. the same "
+                "checkpoint loaded again and compiled with precision='int4')"
+            )
+        compiled = self.artifact.options.num_speculative_tokens
+        k = options.prompt_lookup_num_tokens or options.num_assistant_tokens or compiled
+        asked = (
+            f"prompt_lookup_num_tokens={k}"
+            if options.prompt_lookup_num_tokens
+            else f"assistant_model with num_assistant_tokens={k}"
+            if options.num_assistant_tokens
+            else "assistant_model"
+        )
+        if k is None or not compiled or k > compiled:
+            raise QGraphError(
+                f"{asked} needs a model compiled with num_speculative_tokens >= {k or 'the guesses per step'}, but "
+                f"this one was compiled {'without it' if not compiled else f'with num_speculative_tokens={compiled}'}"
+                f": call model.compile(..., num_speculative_tokens={k or 4})"
+            )
+
+    def _proposer(self, session, options) -> tuple[Proposer, int]:
+        """The proposer a call asks for and the guesses per verification it may make."""
+        if options.prompt_lookup_num_tokens is not None:
+            k = options.prompt_lookup_num_tokens
+            check_speculation(session, k, f"prompt_lookup_num_tokens={k}")
+            return PromptLookup(k), k
+        k = options.num_assistant_tokens or self.artifact.options.num_speculative_tokens
+        check_speculation(session, k, f"assistant_model with {k} guesses per step")
+        return DraftModel(options.assistant_model, k), k
+
+    def _steps(
+        self, session, requests: list[Request], pad_token_id: int, timer: StepTimer
+    ) -> Iterator[list[tuple[Request, int]]]:
+        """The decode steps of a static-batch call: plain, or speculative when the call asks for a proposer."""
+        batch_size = self.artifact.options.batch_size
+        options = requests[0].options
+        if not options.speculative:
+            yield from static_batch_steps(session, requests, batch_size, pad_token_id, timer)
+            return
+        proposer, k = self._proposer(session, options)
+        with proposer.in_use() if isinstance(proposer, DraftModel) else contextlib.nullcontext():
+            yield from speculative_batch_steps(session, requests, batch_size, pad_token_id, timer, proposer, k)
 
     def _loaded_session(self):
         if self._session is None:  # one-time session creation is not part of any request's latency
@@ -472,8 +541,7 @@ class QEFFAutoModelForCausalLM:
             if stream:
                 show(stream_prompt, end="")
             timer = StepTimer()
-            steps = static_batch_steps(session, requests, self.artifact.options.batch_size, pad_token_id, timer)
-            for taken in steps:
+            for taken in self._steps(session, requests, pad_token_id, timer):
                 if stream and any(r is requests[0] for r, _ in taken):
                     show(requests[0].tracker.increment(requests[0].done), end="")
             stats = latency_stats(requests, timer, start, self.artifact.options.batch_size)
@@ -562,15 +630,12 @@ class QEFFAutoModelForCausalLM:
             session = self._loaded_session()
             request.times.submitted = start = time.perf_counter()
             timer = StepTimer()
-            with contextlib.closing(
-                static_batch_steps(session, [request], self.artifact.options.batch_size, pad_token_id, timer)
-            ) as steps:
+            last_tokens = []
+            with contextlib.closing(self._steps(session, [request], pad_token_id, timer)) as steps:
                 for taken in steps:
-                    for _, token in taken:
-                        if request.done:
-                            break
-                        yield StreamEvent(request.tracker.increment(), [token])
+                    last_tokens = [token for _, token in taken]  # one step may take several (speculative)
+                    if request.done:
+                        break
+                    yield StreamEvent(request.tracker.increment(), last_tokens)
             stats = latency_stats([request], timer, start, self.artifact.options.batch_size)
-        yield StreamEvent(
-            request.tracker.increment(finished=True), [request.generated[-1]], request.finish_reason, stats
-        )
+        yield StreamEvent(request.tracker.increment(finished=True), last_tokens, request.finish_reason, stats)

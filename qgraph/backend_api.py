@@ -75,6 +75,8 @@ class CompileOptions:
     precision: str = "float32"
     extra: Mapping[str, Any] = field(default_factory=dict)
     full_batch_size: int | None = None  # continuous batching: KV slots decoded together (QEfficient's name)
+    # speculative decoding: a verification run feeds k + 1 tokens per row and reads all their logits (QEfficient's name)
+    num_speculative_tokens: int | None = None
     # options of the quantize-weights pass overriding the int8 / int4 defaults (qgraph.pipelines)
     quantization: Mapping[str, Any] | None = None
 
@@ -86,6 +88,13 @@ class CompileOptions:
             check_int(name, getattr(self, name), minimum)
         if self.full_batch_size is not None:
             check_int("full_batch_size", self.full_batch_size, 1)
+        if self.num_speculative_tokens is not None:
+            check_int("num_speculative_tokens", self.num_speculative_tokens, 1)
+            if self.num_speculative_tokens + 1 > self.ctx_len:
+                raise QGraphError(
+                    f"num_speculative_tokens {self.num_speculative_tokens} needs runs of "
+                    f"{self.num_speculative_tokens + 1} tokens, more than ctx_len {self.ctx_len}"
+                )
         if not isinstance(self.precision, str):
             raise QGraphError(f"precision must be a string such as 'float32', got {self.precision!r}")
         if self.prefill_seq_len > self.ctx_len:
@@ -107,9 +116,16 @@ class CompileOptions:
         }
         if self.full_batch_size is not None:  # only when set: artifacts compiled without it keep their keys
             key["full_batch_size"] = self.full_batch_size
+        if self.num_speculative_tokens is not None:
+            key["num_speculative_tokens"] = self.num_speculative_tokens
         if self.quantization:  # likewise
             key["quantization"] = {k: self.quantization[k] for k in sorted(self.quantization)}
         return key
+
+    @property
+    def verification_width(self) -> int:
+        """Tokens per row of a verification run (``k + 1``); 1 without speculative decoding."""
+        return (self.num_speculative_tokens or 0) + 1
 
 
 @runtime_checkable
@@ -119,6 +135,8 @@ class DecoderSession(Protocol):
     ctx_len: int
     prefill_seq_len: int
     device_seconds: float  # time spent inside the backend's run calls since the last reset
+    # optional: how many positions per row the logits keep (``qgraph.runtime.logits_positions``); None = every one
+    logits_positions: int | None
 
     def reset(self, batch_size: int) -> None:
         """Start a new generation for ``batch_size`` rows (KV buffers cleared)."""

@@ -1,4 +1,4 @@
-"""``qgraph`` command line: infer, export, optimize, check, passes, backends.
+"""``qgraph`` command line: infer, eval, export, optimize, check, serve, passes, backends.
 
 Errors that come from the user's input are printed as one line (``error: ...``) with exit code 2, not a traceback.
 """
@@ -178,6 +178,76 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    """Perplexity of the compiled model on an English text, top-1 agreement with float32 qgraph and HF."""
+    from qgraph.api import QEFFAutoModelForCausalLM
+    from qgraph.eval_text import file_text
+    from qgraph.evaluation import REFERENCES, evaluate
+    from qgraph.perplexity import check_windows
+
+    check_windows(args.ctx_len, args.stride)  # before any model is read
+    references = [r.strip() for r in args.references.split(",") if r.strip() and r.strip() != "none"]
+    unknown = [r for r in references if r not in REFERENCES]
+    if unknown:
+        raise QGraphError(f"--references: unknown {unknown[0]!r}; give a comma list of {', '.join(REFERENCES)} or none")
+    text = file_text(args.text) if args.text else None
+    cache_root(args.cache_dir)
+    model = QEFFAutoModelForCausalLM.from_pretrained(args.model, cache_dir=args.cache_dir, dtype=args.dtype)
+    tokenizer = _load_tokenizer(args.tokenizer, False, {}) if args.tokenizer else None
+    options = _parse_options(args.option)
+    if args.passes:
+        options["passes"] = args.passes
+    result = evaluate(
+        model,
+        text,
+        tokenizer,
+        ctx_len=args.ctx_len,
+        stride=args.stride,
+        precision=args.precision,
+        backend=args.backend,
+        compile_options=options,
+        references=references,
+    )
+    print(result.format_table())
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result.as_dict(), indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _add_eval(sub) -> None:
+    from qgraph.perplexity import DEFAULT_CTX_LEN, DEFAULT_STRIDE
+
+    p = sub.add_parser(
+        "eval",
+        help="perplexity of the compiled model on an English text (sliding windows), with top-1 agreement vs "
+        "float32 qgraph and HF transformers",
+    )
+    p.add_argument("--model", "--model-name", dest="model", required=True, help="hub id or local directory")
+    p.add_argument("--precision", default="float32", help="float32, float16, int8 or int4")
+    p.add_argument(
+        "--text",
+        type=user_path,
+        help="UTF-8 English text file (default: Debian's licence texts GPL-3, GPL-2, Apache-2.0, GFDL-1.3, MPL-2.0 "
+        "from /usr/share/common-licenses, ~23k tokens)",
+    )
+    p.add_argument("--ctx-len", type=int, default=DEFAULT_CTX_LEN, help="window length in tokens")
+    p.add_argument(
+        "--stride", type=int, default=DEFAULT_STRIDE, help="tokens between window starts; a window scores its new ones"
+    )
+    p.add_argument(
+        "--references", default="float32,hf", help="compare top-1 predictions with: float32,hf (default), or none"
+    )
+    p.add_argument("--json", type=user_path, help="write the result as JSON")
+    p.add_argument("--tokenizer", help="tokenizer id or directory (default: the model's)")
+    p.add_argument("--backend", default="ort", help="see `qgraph backends`")
+    p.add_argument("--passes", help="override the backend's pipeline: a,b,c or a JSON/YAML file")
+    p.add_argument("--dtype", default=None, help="export dtype: float32 (default), float16, bfloat16 or auto")
+    p.add_argument("--cache-dir", type=user_path, default=None)
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="backend option")
+
+
 def cmd_export(args) -> int:
     from qgraph.api import QEFFAutoModelForCausalLM
 
@@ -276,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qgraph", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_infer(sub)
+    _add_eval(sub)
     p = sub.add_parser("export", help="export a model to vanilla ONNX (cached); prints the path")
     p.add_argument("--model", required=True)
     p.add_argument("-o", "--output", type=user_path)
@@ -323,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 COMMANDS = {
     "infer": cmd_infer,
+    "eval": cmd_eval,
     "export": cmd_export,
     "optimize": cmd_optimize,
     "check": cmd_check,

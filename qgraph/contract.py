@@ -31,6 +31,7 @@ __all__ = [
     "INPUT_IDS",
     "KV_KINDS",
     "LOGITS",
+    "LOGITS_POSITIONS_METADATA",
     "POSITION_IDS",
     "RETAINED_SUFFIX",
     "STATE_UPDATES",
@@ -56,6 +57,9 @@ LOGITS = "logits"
 # writes, QEfficient's name for it. An optional input of the retained-state contract.
 BATCH_INDEX = "batch_index"
 KV_KINDS = ("key", "value")
+# Model metadata written by ``last-token-logits``: the logits keep the last min(s, n) tokens of each row (n = its
+# value; speculative verification); absent, a ``[b, 1, V]`` logits output keeps the last token, any other every one.
+LOGITS_POSITIONS_METADATA = "qgraph.logits_positions"
 
 _VANILLA_PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 _RETAINED_INPUT = re.compile(r"^past_(key|value)\.(\d+)$")

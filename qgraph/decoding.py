@@ -26,7 +26,17 @@ HF_DEFAULTS: dict[str, Any] = {
     "repetition_penalty": 1.0,
 }
 SAMPLING_NAMES = ("do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
-OPTION_NAMES = (*SAMPLING_NAMES, "max_new_tokens", "generation_len", "stop", "stop_strings", "eos_token_id")
+# speculative decoding, transformers' names: prompt lookup (k guesses) or a draft model (guessing k at a time)
+SPECULATION_NAMES = ("prompt_lookup_num_tokens", "assistant_model", "num_assistant_tokens")
+OPTION_NAMES = (
+    *SAMPLING_NAMES,
+    "max_new_tokens",
+    "generation_len",
+    "stop",
+    "stop_strings",
+    "eos_token_id",
+    *SPECULATION_NAMES,
+)
 # QEfficient's generate / cloud_ai_100_exec_kv arguments: accepted, with why they change nothing here
 QEFF_IGNORED = {
     "device_id": "the backend chooses its device at compile/load time",
@@ -46,6 +56,14 @@ class GenerationOptions:
     max_new_tokens: int | None = None  # None: until EOS, a stop string or the end of ctx_len
     stop: tuple[str, ...] = ()
     eos_token_ids: frozenset[int] = frozenset()
+    # speculative decoding (changes the speed, never greedy's tokens nor sampling's distribution)
+    prompt_lookup_num_tokens: int | None = None
+    assistant_model: Any = None  # a compiled QEFFAutoModelForCausalLM with the same tokenizer
+    num_assistant_tokens: int | None = None  # guesses per verification with assistant_model (default: all compiled)
+
+    @property
+    def speculative(self) -> bool:
+        return self.prompt_lookup_num_tokens is not None or self.assistant_model is not None
 
 
 def generation_config_defaults(config: Any = None, directory: str | Path | None = None) -> dict[str, Any]:
@@ -94,8 +112,33 @@ def resolve_options(
     if ignored and not sampling.do_sample:
         notes.append(f"do_sample is False, so {', '.join(ignored)} change nothing (greedy); pass do_sample=True")
     eos = given.get("eos_token_id", defaults.get("eos_token_id", tokenizer_eos))
-    options = GenerationOptions(sampling, length, _stop_strings(stop), _token_ids("eos_token_id", eos))
+    options = GenerationOptions(
+        sampling, length, _stop_strings(stop), _token_ids("eos_token_id", eos), **_speculation(given)
+    )
     return options, notes
+
+
+def _speculation(given: Mapping[str, Any]) -> dict[str, Any]:
+    lookup, assistant = given.get("prompt_lookup_num_tokens"), given.get("assistant_model")
+    assistant_tokens = given.get("num_assistant_tokens")
+    if lookup is not None and assistant is not None:
+        raise QGraphError(
+            "prompt_lookup_num_tokens and assistant_model choose two different proposers for speculative decoding; "
+            "give one"
+        )
+    if assistant_tokens is not None and assistant is None:
+        raise QGraphError("num_assistant_tokens needs assistant_model (the draft model whose guesses it counts)")
+    if assistant is not None and not hasattr(assistant, "artifact"):
+        raise QGraphError(
+            f"assistant_model must be a QEFFAutoModelForCausalLM (compiled), got {type(assistant).__name__}"
+        )
+    return {
+        "prompt_lookup_num_tokens": None if lookup is None else _integer("prompt_lookup_num_tokens", lookup, low=1),
+        "assistant_model": assistant,
+        "num_assistant_tokens": (
+            None if assistant_tokens is None else _integer("num_assistant_tokens", assistant_tokens, low=1)
+        ),
+    }
 
 
 def _max_new_tokens(given: Mapping[str, Any], defaults: Mapping[str, Any]) -> int | None:

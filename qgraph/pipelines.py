@@ -46,7 +46,8 @@ def standard_pipeline(
       ``grouped-query-matmul``, ``merge-parallel-matmuls``, ``shared-head-transpose`` (standard ops),
       ``rotary-embedding``, then ``group-query-attention`` (a fused attention that updates the retained state itself)
       on retained-state targets;
-    - ``last-token-logits`` on retained-state targets: prefill projects only each row's last token on the vocabulary;
+    - ``last-token-logits`` on retained-state targets: prefill projects only each row's last token on the vocabulary
+      (with ``num_speculative_tokens=k``, the last ``k + 1``: a verification run reads them all);
     - ``quantize-weights`` for ``precision`` ``"int8"`` / ``"int4"`` (weight-only, ``MatMulNBits``) with the
       options of ``quantization_options``;
     - ``fp16-clip`` where the target computes in float16: asked for (``precision="float16"``), or a target without
@@ -88,7 +89,8 @@ def standard_pipeline(
             specs.append(executable("group-query-attention"))
     specs = [s for s in specs if s is not None]  # the passes whose ops the target does not execute
     if capabilities.retained_state:
-        specs.append(PassSpec("last-token-logits"))
+        width = options.verification_width
+        specs.append(PassSpec("last-token-logits", {"positions": width} if width > 1 else {}))
     if options.precision in QUANTIZED_BITS:
         specs.append(PassSpec("quantize-weights", quantization_options(options, registry)))
     elif options.quantization:

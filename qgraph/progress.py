@@ -55,3 +55,38 @@ def show(text: str = "", end: str = "\n", stream: TextIO | None = None) -> None:
 def _line(stream: TextIO, text: str) -> None:
     stream.write(text + "\n")
     stream.flush()
+
+
+class ProgressBar:
+    """``qgraph: label  37/91 [########........] 12 s`` on stderr: redrawn in place on a terminal, a line every tenth
+    of the way elsewhere (a log file gets ten lines, not thousands)."""
+
+    WIDTH = 24
+
+    def __init__(self, label: str, total: int, enabled: bool = True, stream: TextIO | None = None):
+        self.label, self.total, self.enabled = label, max(total, 1), enabled
+        self.stream = stream or sys.stderr
+        self.done = 0
+        self._start = time.perf_counter()
+        self._tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self._printed_tenth = -1
+
+    def advance(self, n: int = 1) -> None:
+        self.done = min(self.done + n, self.total)
+        if not self.enabled:
+            return
+        tenth = self.done * 10 // self.total
+        if self._tty:
+            self.stream.write("\r" + self._text())
+            if self.done == self.total:
+                self.stream.write("\n")
+            self.stream.flush()
+        elif tenth > self._printed_tenth:
+            self._printed_tenth = tenth
+            _line(self.stream, self._text())
+
+    def _text(self) -> str:
+        filled = self.done * self.WIDTH // self.total
+        bar = "#" * filled + "." * (self.WIDTH - filled)
+        elapsed = time.perf_counter() - self._start
+        return f"qgraph: {self.label} {self.done}/{self.total} [{bar}] {elapsed:.0f} s"

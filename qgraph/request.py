@@ -116,7 +116,21 @@ class Request:
 
     def accept(self, logits: np.ndarray) -> int:
         """Choose the next token from this request's row of logits ``[V]`` and record it."""
-        token = self.choose(logits, itertools.chain(self.prompt_ids, self.generated))
+        return self.take(self.choose(logits, itertools.chain(self.prompt_ids, self.generated)))
+
+    @property
+    def next_position(self) -> int:
+        """Where the last generated token is fed to the model (its K/V slot)."""
+        return len(self.prompt_ids) + len(self.generated) - 1
+
+    @property
+    def context(self) -> list[int]:
+        """Every token of the sequence so far: the prompt, then the generated ones."""
+        return self.prompt_ids + self.generated
+
+    def take(self, token: int) -> int:
+        """Record a token chosen elsewhere (speculative sampling's acceptance rule) and check the stop conditions."""
+        token = int(token)
         now = time.perf_counter()
         if self.times.first_token is None:
             self.times.first_token = now

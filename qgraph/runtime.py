@@ -72,6 +72,19 @@ class StepTimer:
     decode_s: float = 0.0
     first_token: float | None = None
     device_s: float = 0.0
+    # speculative decoding: guesses checked, guesses accepted, verification runs that checked any, rows in them
+    proposed: int = 0
+    accepted: int = 0
+    verify_runs: int = 0
+    verified_rows: int = 0
+
+
+def logits_positions(session: DecoderSession, logits: np.ndarray) -> int | None:
+    """How a run's logits are laid out: ``None`` when they hold every column ``[b, s, V]``; ``n`` when they hold the
+    last ``min(s, n)`` tokens of each row, its last valid token last (``last-token-logits``: 1, or ``k + 1`` on a
+    model compiled for speculative decoding)."""
+    kept = getattr(session, "logits_positions", None)
+    return kept if kept is not None else (1 if logits.shape[1] == 1 else None)
 
 
 def prefill_rows(
@@ -95,10 +108,10 @@ def prefill_rows(
             ids[i, : len(piece)] = piece
             pos[i, : len(piece)] = np.arange(c * chunk, c * chunk + len(piece))
         logits = run(ids, pos)
+        kept = logits_positions(session, logits)
         for i, length in enumerate(lengths):
             if length and (length - 1) // chunk == c:
-                # [b, 1, V]: the graph kept only each row's last valid token (last-token-logits)
-                last_logits[i] = logits[i, 0] if logits.shape[1] == 1 else logits[i, (length - 1) % chunk]
+                last_logits[i] = logits[i, -1] if kept else logits[i, (length - 1) % chunk]
     vocab = next(x for x in last_logits if x is not None).shape[-1]
     return np.stack([x if x is not None else np.zeros(vocab, np.float32) for x in last_logits])
 
@@ -167,6 +180,10 @@ def latency_stats(requests: Sequence[Request], timer: StepTimer, start: float, b
         generated_tokens=generated,
         decode_tokens=generated - sum(1 for r in requests if r.generated),
         batch_size=batch_size,
+        proposed_tokens=timer.proposed,
+        accepted_tokens=timer.accepted,
+        verify_runs=timer.verify_runs,
+        verified_rows=timer.verified_rows,
     )
 
 

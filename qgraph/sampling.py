@@ -87,6 +87,11 @@ class TokenChooser:
         self.options = options
         self.rng = np.random.default_rng(options.seed) if options.do_sample else None
 
+    def distribution(self, logits: np.ndarray, previous_ids: Iterable[int]) -> np.ndarray:
+        """The distribution a sampling request draws its next token from (speculative sampling verifies against it)."""
+        scores = apply_repetition_penalty(logits, previous_ids, self.options.repetition_penalty)
+        return sampling_probabilities(scores, self.options)
+
     def __call__(self, logits: np.ndarray, previous_ids: Iterable[int]) -> int:
         scores = apply_repetition_penalty(logits, previous_ids, self.options.repetition_penalty)
         if self.rng is None:

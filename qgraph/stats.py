@@ -15,6 +15,9 @@ class LatencyStats:
     - ``total_tok_s``: all generated tokens / ``e2e_s``.
     - ``device_s``: time inside the backend's run calls; ``host_s`` = ``e2e_s - device_s`` (tokenising, sampling,
       Python between steps).
+    - speculative decoding: ``proposed_tokens`` guesses were checked in ``verify_runs`` verification runs (a run
+      counts once for all its rows), ``accepted_tokens`` of them were accepted; ``mean_accepted_length`` = accepted
+      guesses per row per verification that checked any (each such row also takes one token of the target's own).
     """
 
     ttft_s: float
@@ -26,6 +29,18 @@ class LatencyStats:
     generated_tokens: int
     decode_tokens: int
     batch_size: int
+    proposed_tokens: int = 0
+    accepted_tokens: int = 0
+    verify_runs: int = 0
+    verified_rows: int = 0  # row-verifications that checked any guess (verify_runs x rows with a guess)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.proposed_tokens if self.proposed_tokens else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        return self.accepted_tokens / self.verified_rows if self.verified_rows else 0.0
 
     @property
     def prefill_tok_s(self) -> float:
@@ -51,7 +66,15 @@ class LatencyStats:
 
     def as_dict(self) -> dict[str, float]:
         data = asdict(self)
-        for name in ("prefill_tok_s", "decode_tok_s", "total_tok_s", "host_s", "decode_ms_per_token"):
+        for name in (
+            "prefill_tok_s",
+            "decode_tok_s",
+            "total_tok_s",
+            "host_s",
+            "decode_ms_per_token",
+            "acceptance_rate",
+            "mean_accepted_length",
+        ):
             data[name] = getattr(self, name)
         return data
 
@@ -66,6 +89,16 @@ class LatencyStats:
                 f"Prefill throughput= {self.prefill_tok_s:.2f} tokens/sec ({self.prompt_tokens} prompt tokens)",
                 f"Decode latency= {self.decode_ms_per_token:.2f} ms/step (batch {self.batch_size})",
                 f"Device time= {self.device_s:.3f} sec, host overhead= {self.host_s:.3f} sec",
+                *self._speculation_lines(),
                 "=====================================================================",
             ]
         )
+
+    def _speculation_lines(self) -> list[str]:
+        if not self.proposed_tokens:
+            return []
+        return [
+            f"Speculative= {self.proposed_tokens} proposed, {self.accepted_tokens} accepted "
+            f"({100 * self.acceptance_rate:.1f}%), mean accepted length {self.mean_accepted_length:.2f} "
+            f"in {self.verify_runs} verification runs"
+        ]

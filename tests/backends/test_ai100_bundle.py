@@ -87,6 +87,19 @@ def test_specializations_hold_a_prefill_and_a_decode_entry(bundle, arch):
     }
 
 
+def test_num_speculative_tokens_adds_a_verification_specialization(bundle):
+    data = json.loads((bundle("llama", num_speculative_tokens=3) / "specializations.json").read_text())
+    assert [s["seq_len"] for s in data["specializations"]] == [str(PREFILL), "1", "4"]
+    data = json.loads(
+        (bundle("llama", num_speculative_tokens=3, full_batch_size=4) / "specializations.json").read_text()
+    )
+    assert [(s["batch_size"], s["seq_len"]) for s in data["specializations"]] == [
+        ("1", str(PREFILL)),
+        ("4", "1"),
+        ("4", "4"),
+    ]
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_custom_io_lists_every_kv_tensor_once_in_float16(bundle, arch):
     directory = bundle(arch)
@@ -297,6 +310,7 @@ class ShapeChecked:
         specs = json.loads((directory / "specializations.json").read_text())["specializations"]
         self.allowed = {(int(s["batch_size"]), int(s["seq_len"])) for s in specs}
         self.ctx_len, self.prefill_seq_len = session.ctx_len, session.prefill_seq_len
+        self.logits_positions = session.logits_positions
 
     @property
     def device_seconds(self) -> float:
@@ -321,6 +335,26 @@ def test_the_bundle_graph_gives_hf_greedy_tokens_on_ort(
     assert max(map(len, prompt_ids)) > PREFILL or batch_size == 1, "the batch case must prefill in two chunks"
     generated, _, _ = greedy_generate(session, prompt_ids, manifest(directory)["batch_size"], NEW_TOKENS, {3})
     assert generated == [hf_greedy(qeff_model(arch).model, tokenizer, p) for p in prompts]
+
+
+def test_the_speculative_bundle_graph_verifies_guesses_in_its_specializations(bundle, qeff_model, tokenizer, tmp_path):
+    """Greedy with prompt lookup through the bundle's graph on ORT, every run a specialization's shape."""
+    from qgraph.decoding import GenerationOptions
+    from qgraph.proposers import PromptLookup
+    from qgraph.request import Request
+    from qgraph.runtime import StepTimer
+    from qgraph.speculative import speculative_batch_steps
+
+    directory = bundle("llama", num_speculative_tokens=3)
+    session = ShapeChecked(bundle_session(directory, tmp_path), directory)
+    prompts = [MY_NAME, LONG_PROMPT]
+    options = GenerationOptions(max_new_tokens=NEW_TOKENS, eos_token_ids=frozenset({3}))
+    requests = [Request(tokenizer(p)["input_ids"], options, CTX, index=i) for i, p in enumerate(prompts)]
+    timer = StepTimer()
+    for _ in speculative_batch_steps(session, requests, BATCH, 0, timer, PromptLookup(3), 3):
+        pass
+    assert [r.generated for r in requests] == [hf_greedy(qeff_model("llama").model, tokenizer, p) for p in prompts]
+    assert timer.proposed > 0
 
 
 # -- with and without the SDK's compiler ------------------------------------------------------------------------

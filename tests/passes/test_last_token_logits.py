@@ -10,7 +10,7 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from qgraph import QEFFAutoModelForCausalLM
-from qgraph.errors import GraphPatternError
+from qgraph.errors import GraphPatternError, QGraphError
 from qgraph.pass_manager import PassSpec, run_pipeline
 from qgraph.passes.last_token_logits import LastTokenLogits
 from tests.parity import LONG_PROMPT, MY_NAME, NEW_TOKENS, hf_greedy
@@ -98,3 +98,39 @@ def test_ort_backend_with_the_pass_matches_hf_greedy(tiny_model_dir, cache_dir, 
     prompts = [MY_NAME, LONG_PROMPT]  # two lengths, the long one in two prefill chunks
     result = qg.generate(tokenizer, prompts, generation_len=NEW_TOKENS, verbose=False)
     assert result.generated_ids == [hf_greedy(hf, tokenizer, p) for p in prompts]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_positions_keep_the_last_tokens_of_each_row_for_verification(exports, tmp_path, arch):
+    """``positions=4`` (num_speculative_tokens=3): logits ``[b, min(s, 4), V]``, each row's last valid token last."""
+    ids = np.array([[5, 9, 17, 33, 41, 2], [7, 8, 9, 0, 0, 0]], np.int64)
+    pos = np.array([[0, 1, 2, 3, 4, 5], [0, 1, 2, -1, -1, -1]], np.int64)
+    before, after = _retained(exports(arch)), _retained(exports(arch))
+    [report] = run_pipeline(after, [PassSpec("last-token-logits", {"positions": 4})])
+    assert report.counts["gathered"] == 1
+    assert after.metadata_props["qgraph.logits_positions"] == "4"
+    full = _run(before, tmp_path, "full", ids, pos)
+    kept = _run(after, tmp_path, "kept", ids, pos)
+    assert kept.shape == (2, 4, full.shape[-1])
+    np.testing.assert_allclose(kept[0], full[0, 2:6], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(kept[1, 1:], full[1, 0:3], rtol=1e-5, atol=1e-5)  # 3 real tokens: the last 3
+    short = _run(after, tmp_path, "short", ids[:, :2], pos[:, :2])  # s = 2 < 4: two positions
+    assert short.shape == (2, 2, full.shape[-1])
+    one = _run(after, tmp_path, "decode", ids[:, :1], pos[:, :1])  # decode stays [b, 1, V]
+    assert one.shape == (2, 1, full.shape[-1])
+
+
+def test_positions_must_be_a_positive_integer(exports):
+    with pytest.raises((QGraphError, ValueError), match="positions must be an integer >= 1"):
+        run_pipeline(_retained(exports("gpt2")), [PassSpec("last-token-logits", {"positions": 0})])
+
+
+def test_the_pipeline_keeps_k_plus_one_positions_for_num_speculative_tokens():
+    from qgraph.backend_api import CompileOptions
+    from qgraph.compiler import get_backend
+
+    for backend in ("ort", "ai100"):
+        specs = get_backend(backend).pipeline(CompileOptions(num_speculative_tokens=5))
+        assert [s.options for s in specs if s.name == "last-token-logits"] == [{"positions": 6}]
+        plain = get_backend(backend).pipeline(CompileOptions())
+        assert [s.options for s in plain if s.name == "last-token-logits"] == [{}]

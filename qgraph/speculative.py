@@ -1,0 +1,194 @@
+"""Speculative decoding: a proposer guesses up to ``k`` next tokens, the target verifies them all in one run.
+
+Why: batch-1 decode reads every weight once per token and is bound by memory bandwidth; a run of ``k + 1`` tokens
+reads them once too and costs little more, so each accepted guess is a token for (almost) free.
+
+A verification run feeds each row its last accepted token followed by its guesses (rows with fewer guesses padded
+with position -1) and reads the logits of all of them (the model is compiled with ``num_speculative_tokens >= k``:
+``last-token-logits`` keeps ``k + 1`` positions). Each row then takes tokens one by one through its own ``Request``:
+
+- greedy: the target's choice at each position, as long as it equals the guess there, then the first token where it
+  differs (or the bonus token after the last guess) — exactly plain greedy's tokens;
+- sampling: the standard speculative-sampling acceptance rule (``qgraph.speculative_sampling``) against the request's
+  own warped distributions, which leaves the distribution of the tokens unchanged.
+
+Every token goes through ``Request.take``/``accept``, so EOS, stop strings, ``max_new_tokens`` and ``ctx_len`` cut the
+accepted tokens exactly where plain decoding stops. Rejected guesses need no rollback: their K/V slots lie past the
+row's next position, are never attended (mask ``k <= p``) and the next run overwrites them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+from qgraph.backend_api import DecoderSession
+from qgraph.errors import QGraphError
+from qgraph.proposers import Proposal, Proposer
+from qgraph.request import Request
+from qgraph.runtime import PAD_POSITION, StepTimer, logits_positions, prefill_rows
+
+
+def max_speculative_tokens(session: DecoderSession) -> int:
+    """The most guesses one verification run of this session can check (its logits keep ``k + 1`` positions)."""
+    kept = getattr(session, "logits_positions", None)
+    return session.ctx_len - 1 if kept is None else kept - 1
+
+
+def check_speculation(session: DecoderSession, k: int, asked_as: str) -> None:
+    """Refuse ``k`` guesses on a model whose verification runs cannot check them, saying what to compile with."""
+    most = max_speculative_tokens(session)
+    if k > most:
+        compiled = f"num_speculative_tokens={most}" if most > 0 else "without num_speculative_tokens"
+        raise QGraphError(
+            f"{asked_as} needs a model compiled with num_speculative_tokens >= {k}, but this one was compiled "
+            f"{compiled}: call model.compile(..., num_speculative_tokens={k})"
+        )
+
+
+def speculative_batch_steps(
+    session: DecoderSession,
+    requests: Sequence[Request],
+    batch_size: int,
+    pad_token_id: int,
+    timer: StepTimer,
+    proposer: Proposer,
+    num_tokens: int,
+) -> Iterator[list[tuple[Request, int]]]:
+    """Like ``runtime.static_batch_steps``, with speculative decode steps: each yield may hold several tokens of a
+    request (in order)."""
+    for group_start in range(0, len(requests), batch_size):
+        group = list(requests[group_start : group_start + batch_size])
+        yield from _group_steps(session, group, batch_size, pad_token_id, timer, proposer, num_tokens)
+
+
+def _group_steps(
+    session: DecoderSession,
+    group: list[Request],
+    batch_size: int,
+    pad_token_id: int,
+    timer: StepTimer,
+    proposer: Proposer,
+    num_tokens: int,
+) -> Iterator[list[tuple[Request, int]]]:
+    rows = [r.prompt_ids for r in group] + [[] for _ in range(batch_size - len(group))]
+    session.reset(len(rows))
+    t0 = time.perf_counter()
+    for r in group:
+        r.times.admitted = t0
+    last = prefill_rows(session, rows, pad_token_id)
+    taken = [(r, r.accept(last[i])) for i, r in enumerate(group)]
+    t1 = time.perf_counter()
+    timer.prefill_s += t1 - t0
+    if timer.first_token is None:
+        timer.first_token = t1
+    try:
+        yield taken
+        proposer.reset(len(rows))
+        for i, r in enumerate(group):
+            if not r.done:
+                proposer.admit(i, r)
+        while True:
+            live = [r if r is not None and not r.done else None for r in rows_of(group, len(rows))]
+            if not any(r is not None for r in live):
+                break
+            yield verify_step(session, live, proposer, num_tokens, pad_token_id, timer)
+    finally:
+        timer.decode_s += time.perf_counter() - t1
+        timer.device_s += session.device_seconds + getattr(proposer, "device_seconds", 0.0)
+
+
+def rows_of(group: list[Request], rows: int) -> list[Request | None]:
+    """The group's requests by batch row (None: a dummy row of padding)."""
+    return [group[i] if i < len(group) else None for i in range(rows)]
+
+
+def guess_limits(live: Sequence[Request | None], num_tokens: int, ctx_len: int) -> list[int]:
+    """How many guesses each row may be checked on: at most ``num_tokens`` and no more than it could still accept
+    (its token limit). A verification run is ``num_tokens + 1`` wide (the one shape a static-shape target compiled
+    for it), and every row's columns, its padding too, must stay inside ``ctx_len``: the last steps before a row
+    of the batch reaches the end are plain decode steps."""
+    positions = [r.next_position for r in live if r is not None]
+    if not positions or max(positions) + num_tokens + 1 > ctx_len:
+        return [0] * len(live)
+    return [0 if r is None else max(0, min(num_tokens, r.limit - len(r.generated) - 1)) for r in live]
+
+
+def verify_step(
+    session: DecoderSession,
+    live: Sequence[Request | None],
+    proposer: Proposer,
+    num_tokens: int,
+    pad_token_id: int,
+    timer: StepTimer,
+) -> list[tuple[Request, int]]:
+    """One verification run over the live rows (None: a finished or empty row); returns the tokens taken."""
+    limits = guess_limits(live, num_tokens, session.ctx_len)
+    proposals = proposer.propose(live, limits) if any(limits) else [Proposal() for _ in live]
+    guesses = [p.tokens[:limit] for p, limit in zip(proposals, limits, strict=True)]
+    width = num_tokens + 1 if any(guesses) else 1  # trailing padding columns cost nothing: ORT drops them
+    ids = np.full((len(live), width), pad_token_id, dtype=np.int64)
+    pos = np.full((len(live), width), PAD_POSITION, dtype=np.int64)
+    for i, r in enumerate(live):
+        if r is not None:
+            fed = [r.generated[-1], *guesses[i]]
+            ids[i, : len(fed)] = fed
+            pos[i, : len(fed)] = np.arange(r.next_position, r.next_position + len(fed))
+    logits = session.run(ids, pos)
+    kept = logits_positions(session, logits)
+    taken: list[tuple[Request, int]] = []
+    proposed_any = False
+    for i, r in enumerate(live):
+        if r is None:
+            continue
+        count = 1 + len(guesses[i])
+        if kept is not None and count > logits.shape[1]:
+            raise QGraphError(
+                f"the verification run returned logits for {logits.shape[1]} positions per row, {count} were needed"
+            )
+        rows = logits[i, logits.shape[1] - count :] if kept is not None else logits[i, :count]
+        probs = proposals[i].probs[: len(guesses[i])] if proposals[i].probs is not None else None
+        tokens = take_verified(r, rows, guesses[i], probs)
+        accepted = _matching_prefix(tokens, guesses[i])
+        if guesses[i]:
+            proposed_any = True
+            proposer.feedback(i, len(guesses[i]), accepted)
+            timer.proposed += len(guesses[i])
+            timer.accepted += accepted
+            timer.verified_rows += 1
+        taken += [(r, t) for t in tokens]
+    timer.verify_runs += proposed_any
+    return taken
+
+
+def take_verified(
+    request: Request, logits: np.ndarray, guesses: Sequence[int], guess_probs: np.ndarray | None
+) -> list[int]:
+    """The tokens ``request`` takes from one verification: ``logits[j]`` are the target's logits after the row's last
+    token and the first ``j`` guesses. Stops where the request stops (EOS, stop string, length)."""
+    if not guesses or not request.options.sampling.do_sample:
+        tokens = []
+        for j in range(len(guesses) + 1):
+            tokens.append(request.accept(logits[j]))
+            if request.done or j == len(guesses) or tokens[-1] != guesses[j]:
+                break
+        return tokens
+    from qgraph.speculative_sampling import speculative_accept
+
+    context = request.context
+    target = np.stack([request.choose.distribution(logits[j], context + list(guesses[:j])) for j in range(len(logits))])
+    tokens = []
+    for token in speculative_accept(target, list(guesses), guess_probs, request.choose.rng):
+        tokens.append(request.take(token))
+        if request.done:
+            break
+    return tokens
+
+
+def _matching_prefix(tokens: Sequence[int], guesses: Sequence[int]) -> int:
+    n = 0
+    while n < min(len(tokens), len(guesses)) and tokens[n] == guesses[n]:
+        n += 1
+    return n

@@ -1,0 +1,293 @@
+"""Speculative decoding gives exactly plain greedy's tokens (and HF transformers'), whatever the proposer guesses.
+
+Each tiny architecture is compiled once with ``num_speculative_tokens=8``; ``k`` in {1, 3, 5, 8} runs over that one
+compile. Batch 3 runs three prompts of different lengths (1 to 3 prefill chunks) in one static batch, so rows sit at
+different positions in every verification run and accept different numbers of guesses; batch 1 runs them one by one.
+Mistral's sliding window (12) is shorter than prompt + new tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+from transformers import AutoModelForCausalLM
+
+from qgraph import QEFFAutoModelForCausalLM
+from qgraph.decoding import GenerationOptions
+from qgraph.errors import QGraphError
+from qgraph.proposers import DraftModel, PromptLookup, Proposal, lookup
+from qgraph.request import Request
+from qgraph.runtime import StepTimer
+from qgraph.speculative import speculative_batch_steps
+from tests.parity import LONG_PROMPT, hf_greedy
+from tests.tiny_models import VOCAB_SIZE
+
+ARCHS = ["gpt2", "llama", "qwen2", "mistral"]
+K_MAX = 8
+KS = [1, 3, 5, 8]
+NEW = 24
+CTX = 64
+EOS = 3
+# three lengths (2, 14 and 17 words: 1, 2 and 3 prefill chunks of 8); the second repeats itself for prompt lookup
+PROMPTS = ["my name", "one two three four five six seven one two three four five six seven", LONG_PROMPT]
+
+
+@dataclass
+class Compiled:
+    arch: str
+    model: QEFFAutoModelForCausalLM
+    plain: list[list[int]]  # plain greedy of PROMPTS through the same compile
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def compiled(request, tiny_model_dir, cache_dir, tokenizer) -> Compiled:
+    arch = request.param
+    qg = QEFFAutoModelForCausalLM.from_pretrained(str(tiny_model_dir(arch)), cache_dir=cache_dir, verbose=False)
+    qg.compile(prefill_seq_len=8, ctx_len=CTX, batch_size=3, num_speculative_tokens=K_MAX)
+    plain = qg.generate(tokenizer, PROMPTS, max_new_tokens=NEW, verbose=False).generated_ids
+    return Compiled(arch, qg, plain)
+
+
+@pytest.fixture(scope="module")
+def int4_draft(compiled, tiny_model_dir, cache_dir):
+    """The same tiny model compiled at int4 (weight-only), drafting for its float32 self."""
+    draft = QEFFAutoModelForCausalLM.from_pretrained(
+        str(tiny_model_dir(compiled.arch)), cache_dir=cache_dir, verbose=False
+    )
+    draft.compile(prefill_seq_len=8, ctx_len=CTX, precision="int4")
+    return draft
+
+
+class Oracle:
+    """Guesses from a known continuation: right (the target's own greedy tokens) or always wrong (each one off)."""
+
+    def __init__(self, continuations: list[list[int]], wrong: bool = False):
+        self.continuations, self.wrong = continuations, wrong
+
+    def reset(self, rows: int) -> None:
+        pass
+
+    def admit(self, row: int, request: Request) -> None:
+        pass
+
+    def propose(self, requests, limits) -> list[Proposal]:
+        out = []
+        for request, limit in zip(requests, limits, strict=True):
+            if request is None:
+                out.append(Proposal())
+                continue
+            done = len(request.generated)
+            right = self.continuations[request.index][done : done + limit]
+            out.append(Proposal([(t + 1) % VOCAB_SIZE for t in right] if self.wrong else right))
+        return out
+
+    def feedback(self, row: int, proposed: int, accepted: int) -> None:
+        pass
+
+
+def speculative(
+    model, tokenizer, proposer, k: int, batch: int, prompts=PROMPTS, **options
+) -> tuple[list[list[int]], StepTimer]:
+    """Greedy generation through the speculative loop at static batch ``batch`` (the runtime, any proposer)."""
+    options = GenerationOptions(
+        max_new_tokens=options.pop("max_new_tokens", NEW), eos_token_ids=frozenset(options.pop("eos", {EOS}))
+    )
+    requests = [Request(tokenizer(p)["input_ids"], options, CTX, index=i) for i, p in enumerate(prompts)]
+    timer = StepTimer()
+    for _ in speculative_batch_steps(model._loaded_session(), requests, batch, 0, timer, proposer, k):
+        pass
+    return [r.generated for r in requests], timer
+
+
+def test_the_speculative_compile_gives_hf_greedy(compiled, tiny_model_dir, tokenizer):
+    hf = AutoModelForCausalLM.from_pretrained(tiny_model_dir(compiled.arch), attn_implementation="eager").eval()
+    assert compiled.plain == [hf_greedy(hf, tokenizer, p, NEW) for p in PROMPTS]
+    assert sum(map(len, compiled.plain)) > 2 * NEW, "the prompts should mostly run to their length"
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("k", KS)
+def test_an_always_right_proposer_gives_plain_greedy_in_fewer_runs(compiled, tokenizer, k, batch):
+    tokens, timer = speculative(compiled.model, tokenizer, Oracle(compiled.plain), k, batch)
+    assert tokens == compiled.plain
+    assert timer.accepted == timer.proposed > 0
+    if k > 1:  # several tokens per run: fewer verification runs than tokens
+        assert timer.verify_runs < sum(map(len, tokens)) - len(tokens)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("k", KS)
+def test_an_always_wrong_proposer_gives_plain_greedy(compiled, tokenizer, k, batch):
+    tokens, timer = speculative(compiled.model, tokenizer, Oracle(compiled.plain, wrong=True), k, batch)
+    assert tokens == compiled.plain
+    assert timer.proposed > 0 and timer.accepted == 0
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("k", KS)
+def test_prompt_lookup_gives_plain_greedy(compiled, tokenizer, k, batch):
+    tokens, timer = speculative(compiled.model, tokenizer, PromptLookup(k), k, batch)
+    assert tokens == compiled.plain
+    assert timer.proposed > 0
+
+
+@pytest.mark.parametrize("k", KS)
+def test_generate_with_prompt_lookup_num_tokens_gives_plain_greedy(compiled, tokenizer, k):
+    result = compiled.model.generate(tokenizer, PROMPTS, max_new_tokens=NEW, verbose=False, prompt_lookup_num_tokens=k)
+    assert result.generated_ids == compiled.plain
+    assert result.stats.proposed_tokens >= result.stats.accepted_tokens
+    assert result.stats.proposed_tokens > 0
+
+
+@pytest.mark.parametrize("k", KS)
+def test_int4_self_draft_gives_float32_greedy(compiled, int4_draft, tokenizer, k):
+    result = compiled.model.generate(
+        tokenizer, PROMPTS, max_new_tokens=NEW, verbose=False, assistant_model=int4_draft, num_assistant_tokens=k
+    )
+    assert result.generated_ids == compiled.plain
+    assert result.stats.accepted_tokens > 0, "an int4 copy of the model should guess some tokens right"
+
+
+def test_int4_self_draft_at_batch_1(compiled, int4_draft, tokenizer):
+    tokens, timer = speculative(compiled.model, tokenizer, DraftModel(int4_draft, K_MAX), K_MAX, 1)
+    assert tokens == compiled.plain
+    assert timer.accepted > 0
+
+
+def test_another_architecture_drafts_with_the_same_tokenizer(compiled, tiny_model_dir, cache_dir, tokenizer):
+    other = "qwen2" if compiled.arch != "qwen2" else "llama"
+    draft = QEFFAutoModelForCausalLM.from_pretrained(str(tiny_model_dir(other)), cache_dir=cache_dir, verbose=False)
+    draft.compile(prefill_seq_len=4, ctx_len=32, batch_size=1)  # shorter buffers than the target's: drafts less
+    result = compiled.model.generate(tokenizer, PROMPTS, max_new_tokens=NEW, verbose=False, assistant_model=draft)
+    assert result.generated_ids == compiled.plain
+    assert result.stats.proposed_tokens > 0
+
+
+# -- stop conditions cut the accepted tokens where plain decoding stops -------------------------------------------
+
+
+def test_stops_inside_an_accepted_run_are_where_plain_greedy_stops(compiled, tokenizer):
+    row = max(range(len(PROMPTS)), key=lambda i: len(compiled.plain[i]))
+    target = compiled.plain[row]
+    eos = target[5]  # a token that is accepted in the middle of a run of 8 right guesses
+    cut = target[: target.index(eos) + 1]
+    options = dict(max_new_tokens=NEW, eos_token_id=eos)
+    lookup_ids = compiled.model.generate(tokenizer, PROMPTS[row], verbose=False, prompt_lookup_num_tokens=8, **options)
+    plain_ids = compiled.model.generate(tokenizer, PROMPTS[row], verbose=False, **options)
+    assert lookup_ids.generated_ids == plain_ids.generated_ids == [cut]
+    tokens, _ = speculative(compiled.model, tokenizer, Oracle(compiled.plain), K_MAX, 3, max_new_tokens=5)
+    assert tokens == [t[:5] for t in compiled.plain]
+
+
+def test_stop_strings_cut_like_plain_decoding(compiled, tokenizer):
+    row = max(range(len(PROMPTS)), key=lambda i: len(compiled.plain[i]))
+    text = tokenizer.decode(compiled.plain[row][4:6])
+    plain = compiled.model.generate(tokenizer, PROMPTS[row], max_new_tokens=NEW, stop=[text], verbose=False)
+    spec = compiled.model.generate(
+        tokenizer, PROMPTS[row], max_new_tokens=NEW, stop=[text], verbose=False, prompt_lookup_num_tokens=8
+    )
+    assert (spec.generated_ids, spec.generated_texts, spec.finish_reasons) == (
+        plain.generated_ids,
+        plain.generated_texts,
+        plain.finish_reasons,
+    )
+
+
+def test_the_end_of_ctx_len_is_where_plain_decoding_ends(compiled, tokenizer):
+    long = " ".join([LONG_PROMPT] * 3)  # 51 tokens: 14 new tokens fit ctx_len 64
+    plain = compiled.model.generate(tokenizer, long, verbose=False, eos_token_id=[])
+    oracle = Oracle([plain.generated_ids[0]])
+    tokens, timer = speculative(
+        compiled.model, tokenizer, oracle, K_MAX, 1, prompts=[long], max_new_tokens=None, eos=()
+    )
+    assert plain.finish_reasons == ["length"]
+    assert len(plain.generated_ids[0]) == CTX - len(tokenizer(long)["input_ids"]) + 1
+    assert tokens == plain.generated_ids and timer.accepted > 0
+
+
+# -- names, errors, stats -------------------------------------------------------------------------------------------
+
+
+def test_asking_for_more_guesses_than_compiled_is_an_error_naming_the_compile(compiled, tokenizer):
+    with pytest.raises(QGraphError, match=r"num_speculative_tokens >= 9.*num_speculative_tokens=8.*compile"):
+        compiled.model.generate(tokenizer, PROMPTS, verbose=False, prompt_lookup_num_tokens=9)
+    with pytest.raises(QGraphError, match="give one"):
+        compiled.model.generate(tokenizer, PROMPTS, verbose=False, prompt_lookup_num_tokens=2, assistant_model=object())
+
+
+def test_stats_report_proposed_and_accepted_tokens(compiled, tokenizer):
+    oracle = Oracle(compiled.plain)
+    _, timer = speculative(compiled.model, tokenizer, oracle, 4, 3)
+    result = compiled.model.generate(tokenizer, PROMPTS, max_new_tokens=NEW, verbose=False, prompt_lookup_num_tokens=4)
+    stats = result.stats
+    assert stats.proposed_tokens >= stats.accepted_tokens and stats.verify_runs > 0
+    assert stats.mean_accepted_length == pytest.approx(stats.accepted_tokens / stats.verified_rows)
+    assert f"{stats.proposed_tokens} proposed, {stats.accepted_tokens} accepted" in stats.format()
+    assert timer.accepted / timer.verified_rows > 1, "right guesses of 4 at a time: more than one accepted per run"
+    plain = compiled.model.generate(tokenizer, PROMPTS[1], max_new_tokens=NEW, verbose=False)
+    assert plain.stats.proposed_tokens == 0 and "Speculative" not in plain.stats.format()
+
+
+def test_streaming_with_prompt_lookup_joins_to_the_completion(compiled, tokenizer):
+    events = list(compiled.model.stream(tokenizer, PROMPTS[1], max_new_tokens=NEW, prompt_lookup_num_tokens=8))
+    assert [t for e in events for t in e.token_ids] == compiled.plain[1]
+    assert "".join(e.text for e in events) == tokenizer.decode(compiled.plain[1], skip_special_tokens=True)
+    assert events[-1].finish_reason is not None
+
+
+def test_a_model_compiled_without_speculation_refuses_it(tiny_model_dir, cache_dir, tokenizer):
+    qg = QEFFAutoModelForCausalLM.from_pretrained(str(tiny_model_dir("llama")), cache_dir=cache_dir, verbose=False)
+    qg.compile(prefill_seq_len=8, ctx_len=CTX)
+    with pytest.raises(QGraphError, match=r"compiled without it.*num_speculative_tokens=3"):
+        qg.generate(tokenizer, PROMPTS, verbose=False, prompt_lookup_num_tokens=3)
+
+
+# -- the prompt-lookup proposer on its own ----------------------------------------------------------------------------
+
+
+def test_lookup_proposes_what_followed_the_most_recent_match():
+    assert lookup([1, 2, 3, 9, 1, 2, 3, 7, 5, 1, 2, 3], 2) == [7, 5]  # the later "1 2 3" wins
+    assert lookup([4, 5, 6, 4, 5], 3) == [6, 4, 5]  # the continuation may run into the tail itself
+    assert lookup([1, 2, 3, 4], 3) == []  # nothing recurs
+    assert lookup([8, 1, 2, 9, 2], 4, max_ngram=3) == [9, 2]  # falls back to a shorter n-gram
+
+
+def test_prompt_lookup_backs_off_after_misses():
+    proposer = PromptLookup(4)
+    proposer.reset(1)
+    request = Request([1, 2, 3, 1, 2], GenerationOptions(max_new_tokens=8), CTX)
+    request.take(3)
+    proposed = [len(proposer.propose([request], [4])[0].tokens)]
+    for _ in range(3):  # three misses: pauses of 2, 4, 8 steps without proposing
+        proposer.feedback(0, 4, 0)
+        proposed += [len(proposer.propose([request], [4])[0].tokens) for _ in range(2 ** (_ + 1) + 1)]
+    assert proposed[0] > 0
+    assert proposed[1:3] == [0, 0] and proposed[3] > 0
+    assert proposed[4:8] == [0, 0, 0, 0] and proposed[8] > 0
+
+
+def test_draft_probabilities_are_returned_when_sampling(compiled, int4_draft, tokenizer):
+    draft = DraftModel(int4_draft, 3)
+    draft.reset(1)
+    options = GenerationOptions(max_new_tokens=8)
+    sampling = GenerationOptions(
+        sampling=type(options.sampling)(do_sample=True, temperature=1.5, seed=3), max_new_tokens=8
+    )
+    for opts, with_probs in ((options, False), (sampling, True)):
+        request = Request(tokenizer(PROMPTS[1])["input_ids"], opts, CTX)
+        request.take(5)
+        draft.admit(0, request)
+        [proposal] = draft.propose([request], [3])
+        assert len(proposal.tokens) == 3
+        assert (proposal.probs is not None) == with_probs
+        if with_probs:
+            assert proposal.probs.shape == (3, VOCAB_SIZE)
+            np.testing.assert_allclose(proposal.probs.sum(axis=1), 1.0, rtol=1e-6)
+            assert all(proposal.probs[j, t] > 0 for j, t in enumerate(proposal.tokens))
+
+
+def test_without_speculation_nothing_changes(compiled, tokenizer):
+    again = compiled.model.generate(tokenizer, PROMPTS, max_new_tokens=NEW, verbose=False)
+    assert again.generated_ids == compiled.plain and again.stats.verify_runs == 0
