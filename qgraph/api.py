@@ -575,6 +575,10 @@ class QEFFAutoModelForCausalLM:
             generated_tokens=generated,
             decode_tokens=generated - sum(1 for r in requests if r.generated),
             batch_size=engine.slots,
+            proposed_tokens=sum(r.speculation.proposed for r in requests),
+            accepted_tokens=sum(r.speculation.accepted for r in requests),
+            verify_runs=sum(r.speculation.verified_rows for r in requests),
+            verified_rows=sum(r.speculation.verified_rows for r in requests),
         )
 
     @property

@@ -147,14 +147,14 @@ class DraftModel:
     start on overwritten (``group-query-attention`` writes padding rows there): it is fed again from that position.
     """
 
-    def __init__(self, model: Any, num_tokens: int):
+    def __init__(self, model: Any, num_tokens: int, session: Any = None):
         if getattr(model, "artifact", None) is None:
             raise QGraphError(
                 "assistant_model is not compiled: call assistant_model.compile(...) before using it as a draft"
             )
         self.model = model
         self.num_tokens = num_tokens
-        self.session = model._loaded_session()
+        self.session = session if session is not None else model._loaded_session()  # or a session of its own
         if not hasattr(self.session, "run_row"):
             raise QGraphError(
                 f"the assistant model's backend session ({type(self.session).__name__}) cannot prefill one row at a "
