@@ -122,13 +122,14 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = smollm2_dir(args.cache_dir)
     model = QEFFAutoModelForCausalLM.from_pretrained(model_dir, cache_dir=args.cache_dir)
     tokens = text_tokens(model, None, None, args.ctx_len, args.stride)
-    # genai and HF first: their cached scores do not depend on qgraph's code (qgraph's artifacts do)
-    peers = {p: genai_model_dir(p, model_dir, args.cache_dir) for p in genai}
-    peer_runs = {f"genai {p}": genai_scores(p, d, tokens, args.cache_dir) for p, d in peers.items()}
-    hf = hf_scores(model, tokens)
     results = {}
     for precision in precisions:
-        results[precision] = evaluate(model, ctx_len=args.ctx_len, stride=args.stride, precision=precision)
+        results[precision] = evaluate(
+            model, ctx_len=args.ctx_len, stride=args.stride, precision=precision, references=(FLOAT32,)
+        )
+    hf = hf_scores(model, tokens)
+    peers = {p: genai_model_dir(p, model_dir, args.cache_dir) for p in genai}
+    peer_runs = {f"genai {p}": genai_scores(p, d, tokens, args.cache_dir) for p, d in peers.items()}
     runs = {f"qgraph {p}": r.runs["evaluated"] for p, r in results.items()} | {HF: hf} | peer_runs
     float32 = runs.get(f"qgraph {FLOAT32}") or (qgraph_scores(model, tokens) if precisions else None)
     rows = []
