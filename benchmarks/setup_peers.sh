@@ -2,11 +2,14 @@
 # Installs the benchmark's peers from the package registries (nothing by hand). Peers are optional: one that fails to
 # install is reported by the harness as skipped.
 #
-#   bash benchmarks/setup_peers.sh [all|main|llamacpp|optimum] [PEERS_DIR]
+#   bash benchmarks/setup_peers.sh [all|main|llamacpp|llamaserver|optimum] [PEERS_DIR]
 #
 # - main:     matplotlib (plots), sentencepiece (GGUF converter) and onnxruntime-genai (peer; same onnxruntime as qgraph) into the current venv
 # - llamacpp: llama-cpp-python with its [server] extra, compiled from source (~9 min on 2 cores, niced), in its own venv; plus llama.cpp's
 #             convert_hf_to_gguf.py and gguf-py taken from the same sdist, to make f32 GGUF files from HF weights
+# - llamaserver: llama.cpp's C++ `llama-server` (and `llama-quantize`), built with CMake from the llama.cpp sources
+#             vendored in the same llama-cpp-python sdist (Release, curl off, niced; ~10 min on 2 cores) into
+#             PEERS_DIR/llama.cpp-build/bin: the serving peer of benchmarks/serve_load.py. Not part of `all`.
 # - optimum:  optimum-onnx in its own venv (it pins transformers 4.57)
 # Venvs live in PEERS_DIR (default /work/peers), outside the repository; give the same directory to
 # `python -m benchmarks.run --peers-dir`.
@@ -43,6 +46,32 @@ llamacpp_env() {
   fi
 }
 
+llamaserver_build() {
+  echo "== llama.cpp's llama-server from the sources vendored in llama-cpp-python ${LLAMA_CPP_PYTHON##*==} (CMake, several minutes)"
+  out="$PEERS/llama.cpp-build"
+  if [ -x "$out/bin/llama-server" ]; then echo "$out/bin/llama-server exists"; return 0; fi
+  cmake_bin="$(command -v cmake || true)"
+  if [ -z "$cmake_bin" ]; then
+    [ -x "$PEERS/cmake/bin/cmake" ] || { "$PY" -m venv "$PEERS/cmake" && "$PEERS/cmake/bin/pip" install -q cmake; } || return 1
+    cmake_bin="$PEERS/cmake/bin/cmake"
+  fi
+  tmp="$(mktemp -d)"
+  pip download -q --no-deps --no-binary :all: "llama-cpp-python==${LLAMA_CPP_PYTHON##*==}" -d "$tmp" || { rm -rf "$tmp"; return 1; }
+  tar -xzf "$tmp"/llama_cpp_python-*.tar.gz -C "$tmp"
+  src="$(ls -d "$tmp"/llama_cpp_python-*/vendor/llama.cpp)"
+  mkdir -p "$out"
+  # no network use: curl/openssl off (the model is a local file), no web UI (neither npm nor its download)
+  nice -n 19 "$cmake_bin" -S "$src" -B "$out/cmake" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
+      -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+      -DLLAMA_BUILD_SERVER=ON -DBUILD_SHARED_LIBS=OFF >/dev/null \
+    && nice -n 19 "$cmake_bin" --build "$out/cmake" --config Release -j "${JOBS:-2}" --target llama-server llama-quantize \
+    || { rm -rf "$tmp"; return 1; }
+  mkdir -p "$out/bin"
+  cp "$out/cmake/bin/llama-server" "$out/cmake/bin/llama-quantize" "$out/bin/"
+  rm -rf "$tmp" "$out/cmake"
+  "$out/bin/llama-server" --version 2>&1 | tail -2
+}
+
 optimum_env() {
   echo "== optimum-onnx: $OPTIMUM_ONNX in $PEERS/optimum"
   [ -x "$PEERS/optimum/bin/python" ] || "$PY" -m venv "$PEERS/optimum"
@@ -54,8 +83,9 @@ case "$what" in
   all) main_env || status=1; optimum_env || status=1; llamacpp_env || status=1 ;;
   main) main_env || status=1 ;;
   llamacpp) llamacpp_env || status=1 ;;
+  llamaserver) llamaserver_build || status=1 ;;
   optimum) optimum_env || status=1 ;;
-  *) echo "usage: $0 [all|main|llamacpp|optimum]"; exit 2 ;;
+  *) echo "usage: $0 [all|main|llamacpp|llamaserver|optimum]"; exit 2 ;;
 esac
 [ $status -eq 0 ] || echo "some peers failed to install; the harness reports them as skipped"
 exit $status

@@ -36,6 +36,7 @@ def _add_infer(sub) -> None:
         help="new tokens (default: until EOS or ctx_len)",
     )
     _add_decoding(p)
+    _add_speculation(p)
     p.add_argument("--batch-size", type=int, default=1, help="prompts run together")
     p.add_argument("--backend", default="ort", help="see `qgraph backends`")
     p.add_argument("--num-cores", type=int, default=None, help="cores to compile for (targets that use it)")
@@ -68,9 +69,62 @@ def _add_decoding(p) -> None:
     g.add_argument("--repetition-penalty", type=float)
     g.add_argument("--seed", type=int, help="seed of each prompt's own random generator")
     g.add_argument("--stop", action="append", help="stop string (repeatable); the text ends before it")
+    g.add_argument("--prompt-lookup-num-tokens", type=int, help="speculative decoding: guess K tokens by prompt lookup")
 
 
-DECODING_FLAGS = ("do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "stop")
+def _add_speculation(p, serving: bool = False) -> None:
+    """Speculative decoding: the verification graph (compile) and a draft model."""
+    g = p.add_argument_group("speculative decoding (same greedy tokens, fewer passes over the weights)")
+    g.add_argument(
+        "--num-speculative-tokens",
+        type=int,
+        help="compile runs that verify K guessed tokens per row (default: --prompt-lookup-num-tokens, or 4 with "
+        "--assistant-model)",
+    )
+    g.add_argument(
+        "--assistant-model",
+        help="a draft model with the same tokenizer (hub id or directory)"
+        + ("; every request drafts with it unless it asks for prompt_lookup_num_tokens" if serving else ""),
+    )
+    g.add_argument(
+        "--assistant-precision", default="float32", help="the draft's precision, e.g. int4 for the same model"
+    )
+
+
+DEFAULT_SPECULATIVE_TOKENS = 4
+
+
+def _speculative_tokens(args, lookup: int | None) -> int | None:
+    """The compile's num_speculative_tokens: as given, else what the prompt lookup or the draft needs."""
+    if args.num_speculative_tokens is not None:
+        return args.num_speculative_tokens
+    if lookup is not None:
+        return lookup
+    return DEFAULT_SPECULATIVE_TOKENS if args.assistant_model else None
+
+
+def _assistant(args, prefill_seq_len: int, ctx_len: int):
+    """The draft model of ``--assistant-model``, compiled (or None)."""
+    if not args.assistant_model:
+        return None
+    from qgraph.api import QEFFAutoModelForCausalLM
+
+    draft = QEFFAutoModelForCausalLM.from_pretrained(args.assistant_model, cache_dir=args.cache_dir, dtype=args.dtype)
+    draft.compile(prefill_seq_len=prefill_seq_len, ctx_len=ctx_len, precision=args.assistant_precision)
+    return draft
+
+
+DECODING_FLAGS = (
+    "do_sample",
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "seed",
+    "stop",
+    "prompt_lookup_num_tokens",
+)
 
 
 def _parse_options(pairs: list[str]) -> dict:
@@ -119,9 +173,13 @@ def cmd_infer(args) -> int:
         num_cores=args.num_cores,
         precision=args.precision,
         passes=args.passes,
+        num_speculative_tokens=_speculative_tokens(args, args.prompt_lookup_num_tokens),
         **_parse_options(args.option),
     )
     decoding = {k: getattr(args, k) for k in DECODING_FLAGS if getattr(args, k) is not None}
+    assistant = _assistant(args, args.prompt_len, args.ctx_len)
+    if assistant is not None:
+        decoding["assistant_model"] = assistant
     if args.chat:
         conversations = [[{"role": "user", "content": p}] for p in args.prompt]
         model.generate(
@@ -156,6 +214,7 @@ def cmd_serve(args) -> int:
             ctx_len=args.ctx_len,
             precision=args.precision,
             full_batch_size=args.full_batch_size,
+            num_speculative_tokens=_speculative_tokens(args, None),
             **_parse_options(args.option),
         )
         name = args.tokenizer or args.model
@@ -163,7 +222,7 @@ def cmd_serve(args) -> int:
             tokenizer = load_tokenizer(name)  # no transformers (or torch) in the serving process where it can
         except QGraphError:
             tokenizer = _load_tokenizer(name, False, {})
-        return Served(model, tokenizer)
+        return Served(model, tokenizer, _assistant(args, args.prompt_len, args.ctx_len))
 
     name = args.served_model_name or args.model
     if args.ray:
@@ -384,6 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' (or set {API_KEY_ENV})")
     p.add_argument("--cache-dir", type=user_path, default=None)
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="backend option")
+    _add_speculation(p, serving=True)
     p.add_argument("--ray", action="store_true", help="deploy on Ray Serve (a local cluster, or --ray-address)")
     p.add_argument("--replicas", type=int, default=1, help="with --ray: model replicas, each with its own engine")
     p.add_argument("--ray-address", default=None, help="with --ray: join this cluster ('auto', ray://HOST:10001)")

@@ -6,6 +6,10 @@ one decode step of all slots in one batched call; a finished or cancelled reques
 are submitted from any thread; ``submit`` returns a ``RequestHandle`` to iterate (``StreamEvent`` per token), wait
 on (``result()``), ``await`` or ``cancel()``. A prompt that does not fit ``ctx_len`` is refused at ``submit``.
 
+Speculative requests (``prompt_lookup_num_tokens``, ``assistant_model``) check their own proposer's guesses in the
+same batched run: a decode step becomes a verification run of ``k + 1`` columns in which the other rows decode one
+token (``qgraph.speculative``); each request takes as many tokens as it accepted.
+
 A request's whole prompt is prefilled before the next decode step, not one chunk between decode steps: in a decode
 step every slot that is not decoding is a padding row, and a padding row may write its (zero) K/V at a slot the batch
 reaches (``group-query-attention`` places it at the batch's largest position), which would overwrite part of a
@@ -21,7 +25,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,7 +33,14 @@ import numpy as np
 from qgraph.backend_api import DecoderSession
 from qgraph.errors import QGraphError
 from qgraph.request import FINISH_CANCELLED, Request, RequestTimes
-from qgraph.runtime import PAD_POSITION, StreamEvent, prefill_rows
+from qgraph.runtime import PAD_POSITION, StepTimer, StreamEvent, prefill_rows
+from qgraph.speculative import (
+    RequestProposers,
+    check_speculation,
+    guesses_asked,
+    max_speculative_tokens,
+    verify_step,
+)
 from qgraph.stats import LatencyStats
 
 logger = logging.getLogger(__name__)
@@ -48,9 +59,11 @@ class Completion:
 
 
 class RequestHandle:
-    """A submitted request: iterate it for ``StreamEvent``s, ``result()`` to wait, ``await`` it, or ``cancel()``.
+    """A submitted request: iterate it for ``StreamEvent``s (``for``, or ``async for`` over ``stream()``),
+    ``result()`` to wait, ``await`` it, or ``cancel()``.
 
-    Iteration hands out each event once (one consumer); ``result()`` and ``await`` may be used as well or instead.
+    Iteration hands out each event once (one consumer, sync or async); ``result()`` and ``await`` may be used as well
+    or instead.
     """
 
     def __init__(self, request: Request, engine: Engine):
@@ -58,6 +71,7 @@ class RequestHandle:
         self._engine = engine
         self._events: queue.SimpleQueue[StreamEvent | BaseException] = queue.SimpleQueue()
         self._future: concurrent.futures.Future[Completion] = concurrent.futures.Future()
+        self._wake: Callable[[], None] | None = None  # set by stream(): tells its event loop an event is queued
         self.cancel_requested = False
 
     def __iter__(self) -> Iterator[StreamEvent]:
@@ -68,6 +82,37 @@ class RequestHandle:
             yield event
             if event.finish_reason is not None:
                 return
+
+    async def stream(self) -> AsyncIterator[StreamEvent]:
+        """The events in an event loop, without a thread per waiting consumer: the engine thread wakes the loop
+        (``call_soon_threadsafe``) after each event it queues."""
+        loop = asyncio.get_running_loop()
+        queued = asyncio.Event()
+        self._wake = lambda: loop.call_soon_threadsafe(queued.set)
+        try:
+            while True:
+                try:
+                    event = self._events.get_nowait()
+                except queue.Empty:
+                    await queued.wait()
+                    queued.clear()
+                    continue
+                if isinstance(event, BaseException):
+                    raise event
+                yield event
+                if event.finish_reason is not None:
+                    return
+        finally:
+            self._wake = None
+
+    def _put(self, event: StreamEvent | BaseException) -> None:
+        self._events.put(event)
+        wake = self._wake
+        if wake is not None:
+            try:
+                wake()
+            except RuntimeError:  # the consumer's loop is closed: nobody is listening any more
+                pass
 
     def result(self, timeout: float | None = None) -> Completion:
         return self._future.result(timeout)
@@ -85,16 +130,17 @@ class RequestHandle:
 
     # -- called by the engine thread --
 
-    def _token(self, token: int) -> None:
+    def _token(self, tokens: list[int]) -> None:
+        """The tokens one step took (one, or several from a speculative step)."""
         if not self.request.done:
             text = self.request.tracker.increment() if self.request.tracker else ""
-            self._events.put(StreamEvent(text, [token]))
+            self._put(StreamEvent(text, tokens))
 
     def _finish(self, last_tokens: list[int], device_s: float) -> None:
         request = self.request
         text = request.tracker.increment(finished=True) if request.tracker else ""
         stats = request_latency(request, device_s)
-        self._events.put(StreamEvent(text, last_tokens, request.finish_reason, stats))
+        self._put(StreamEvent(text, last_tokens, request.finish_reason, stats))
         self._future.set_result(
             Completion(
                 request.prompt_ids, list(request.generated), request.text, request.finish_reason, request.times, stats
@@ -102,7 +148,7 @@ class RequestHandle:
         )
 
     def _fail(self, error: BaseException) -> None:
-        self._events.put(error)
+        self._put(error)
         if not self._future.done():
             self._future.set_exception(error)
 
@@ -123,6 +169,10 @@ def request_latency(request: Request, device_s: float) -> LatencyStats:
         generated_tokens=len(request.generated),
         decode_tokens=max(len(request.generated) - 1, 0),
         batch_size=1,
+        proposed_tokens=request.speculation.proposed,
+        accepted_tokens=request.speculation.accepted,
+        verify_runs=request.speculation.verified_rows,
+        verified_rows=request.speculation.verified_rows,
     )
 
 
@@ -156,6 +206,9 @@ class Engine:
         self.prefill_s = 0.0
         self.decode_s = 0.0
         self.decode_steps = 0
+        # speculative decoding: each request's own proposer (prompt lookup, a draft model), created on first use
+        self._proposers: RequestProposers | None = None
+        self.speculation = StepTimer()  # totals of guesses proposed / accepted since the engine started
 
     @property
     def ctx_len(self) -> int:
@@ -163,6 +216,9 @@ class Engine:
 
     def submit(self, request: Request) -> RequestHandle:
         """Queue a request (from any thread); it is admitted in submission order as slots free up."""
+        asked = guesses_asked(request, max_speculative_tokens(self.session))
+        if asked:
+            check_speculation(self.session, asked, f"a request asking for {asked} guesses per step")
         handle = RequestHandle(request, self)
         with self._condition:
             if self._closed:
@@ -257,11 +313,20 @@ class Engine:
             lambda ids, pos: self.session.run_row(index, ids, pos),
         )
         token = request.accept(last[0])
+        if request.options.speculative and not request.done:
+            if self._proposers is None:
+                self._proposers = RequestProposers(self.slots, self.ctx_len)
+            self._proposers.admit(index, request)
+        elif self._proposers is not None:
+            self._proposers.admit(index, request)  # the slot's previous proposer forgets it
         slot.device_s += self.session.device_seconds - device
         self.prefill_s += time.perf_counter() - start
-        self._after_token(index, slot, token)
+        self._after_token(index, slot, [token])
 
     def _decode_step(self) -> None:
+        if any(slot.handle.request.options.speculative for slot in self._active.values()):
+            self._speculative_step()
+            return
         start, device = time.perf_counter(), self.session.device_seconds
         ids = np.full((self.slots, 1), self.pad_token_id, dtype=np.int64)
         pos = np.full((self.slots, 1), PAD_POSITION, dtype=np.int64)
@@ -272,15 +337,35 @@ class Engine:
         for index, slot in list(self._active.items()):
             slot.position += 1
             slot.device_s += share
-            self._after_token(index, slot, slot.handle.request.accept(logits[index, -1]))
+            self._after_token(index, slot, [slot.handle.request.accept(logits[index, -1])])
         self.decode_s += time.perf_counter() - start
         self.decode_steps += 1
 
-    def _after_token(self, index: int, slot: _Slot, token: int) -> None:
+    def _speculative_step(self) -> None:
+        """One verification run of all slots: each speculative request checks its own proposer's guesses (the others
+        decode one token in the same run)."""
+        start, device = time.perf_counter(), self.session.device_seconds
+        live = [self._active[i].handle.request if i in self._active else None for i in range(self.slots)]
+        compiled = max_speculative_tokens(self.session)
+        ks = [guesses_asked(r, compiled) if r is not None else 0 for r in live]
+        taken = verify_step(self.session, live, self._proposers, ks, self.pad_token_id, self.speculation)
+        share = (self.session.device_seconds - device) / len(self._active)
+        tokens: dict[int, list[int]] = {}
+        for request, token in taken:
+            tokens.setdefault(id(request), []).append(token)
+        for index, slot in list(self._active.items()):
+            mine = tokens.get(id(slot.handle.request), [])
+            slot.position += len(mine)
+            slot.device_s += share
+            self._after_token(index, slot, mine)
+        self.decode_s += time.perf_counter() - start
+        self.decode_steps += 1
+
+    def _after_token(self, index: int, slot: _Slot, tokens: list[int]) -> None:
         handle = slot.handle
         if handle.request.done:
             with self._condition:
                 self._active.pop(index, None)
-            handle._finish([token], slot.device_s)
+            handle._finish(tokens, slot.device_s)
         else:
-            handle._token(token)
+            handle._token(tokens)

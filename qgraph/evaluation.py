@@ -187,8 +187,9 @@ def evaluate(
 
     ``text`` is a string, an ``EvalText`` (text and source), or None for the licence texts of
     ``qgraph.eval_text.common_licenses_text``. ``tokenizer`` defaults to the checkpoint's. ``precision``, ``backend``
-    and ``compile_options`` (``compile``'s backend options, ``passes`` included) default to the model's last compile,
-    else float32 on ``ort``; the model's own artifact is left as it was. Windows: see ``qgraph.perplexity``.
+    and ``compile_options`` (``compile``'s backend options, ``passes`` and ``quantization`` included) default to the
+    model's last compile, else float32 on ``ort``; the model's own artifact is left as it was. Windows: see
+    ``qgraph.perplexity``.
     """
     check_windows(ctx_len, stride)
     unknown = [r for r in references if r not in REFERENCES]
@@ -202,6 +203,8 @@ def evaluate(
         backend = model.artifact.backend.name if model.artifact is not None else "ort"
     if compile_options is None:
         compile_options = dict(compiled.extra) if compiled else {}
+        if compiled and compiled.quantization:
+            compile_options["quantization"] = dict(compiled.quantization)
     tokens = text_tokens(model, text, tokenizer, ctx_len, stride)
     result = EvalResult(
         model=str(model.checkpoint_directory or model.architecture),
@@ -288,8 +291,16 @@ def evaluation_pipeline(
 
     extra = dict(compile_options or {})
     passes = extra.pop("passes", None)
+    quantization = extra.pop("quantization", None)
     target = get_backend(backend)
-    options = CompileOptions(prefill_seq_len=ctx_len, ctx_len=ctx_len, batch_size=1, precision=precision, extra=extra)
+    options = CompileOptions(
+        prefill_seq_len=ctx_len,
+        ctx_len=ctx_len,
+        batch_size=1,
+        precision=precision,
+        extra=extra,
+        quantization=quantization,
+    )
     check_backend_options = getattr(target, "check_options", None)
     if check_backend_options is not None:
         check_backend_options(options)

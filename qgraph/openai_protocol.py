@@ -33,10 +33,14 @@ class SamplingFields(BaseModel):
     stream: bool = False
     n: int = Field(default=1, ge=1, le=1)  # one choice per request
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    # an extra field (transformers' name): speculative decoding with prompt lookup, k guesses per step
+    prompt_lookup_num_tokens: int | None = Field(default=None, ge=1)
 
     def engine_options(self) -> dict[str, Any]:
         """The generate options these fields mean (only those the request set)."""
         options: dict[str, Any] = {}
+        if self.prompt_lookup_num_tokens is not None:
+            options["prompt_lookup_num_tokens"] = self.prompt_lookup_num_tokens
         if self.max_tokens is not None:
             options["max_new_tokens"] = self.max_tokens
         if self.temperature is not None:

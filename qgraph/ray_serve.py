@@ -29,8 +29,9 @@ def application(
     """The Ray Serve application (bind it with ``serve.run``); the ASGI app is built on each replica."""
     from ray import serve
 
-    def build_app():
-        return create_app(load, model_name, max_queue=max_queue, api_key=api_key)
+    def build_app():  # runs on the replica: its Ray actor name goes into every response's X-QGraph-Instance
+        replica = serve.get_replica_context().replica_id.to_full_id_str()
+        return create_app(load, model_name, max_queue=max_queue, api_key=api_key, instance=replica)
 
     deployment = serve.deployment(
         serve.ingress(build_app)(),

@@ -76,6 +76,15 @@ class RequestTimes:
         }
 
 
+@dataclass
+class SpeculationCounts:
+    """Speculative decoding of one request: guesses checked, guesses accepted, verifications that checked any."""
+
+    proposed: int = 0
+    accepted: int = 0
+    verified_rows: int = 0
+
+
 class Request:
     """A prompt on its way to a completion. ``limit`` caps its new tokens by ``max_new_tokens`` and ``ctx_len``."""
 
@@ -105,6 +114,7 @@ class Request:
         self.choose = TokenChooser(options.sampling)
         self.tracker = TextTracker(tokenizer, options.stop) if tokenizer is not None else None
         self.generated: list[int] = []
+        self.speculation = SpeculationCounts()
         self.finish_reason: str | None = None
         self.times = RequestTimes(
             submitted=time.perf_counter() if submitted is None else submitted, prompt_tokens=len(self.prompt_ids)

@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -41,10 +43,18 @@ RETRY_AFTER_S = 1
 
 @dataclass
 class Served:
-    """What the server runs: a compiled model (with ``full_batch_size``) and its tokenizer."""
+    """What the server runs: a compiled model (with ``full_batch_size``) and its tokenizer, and optionally a compiled
+    draft model every request drafts with (``qgraph serve --assistant-model``) unless it asks for prompt lookup."""
 
     model: Any
     tokenizer: Any
+    assistant_model: Any = None
+
+    def options(self, given: dict[str, Any]) -> dict[str, Any]:
+        """A request's generate options, with the server's draft model unless the request chose prompt lookup."""
+        if self.assistant_model is None or "prompt_lookup_num_tokens" in given:
+            return given
+        return given | {"assistant_model": self.assistant_model}
 
 
 class ServerMetrics:
@@ -95,8 +105,17 @@ class _Admission:
             self.gauge.set(self.count)
 
 
-def create_app(load: Callable[[], Served], model_name: str, max_queue: int = 64, api_key: str | None = None):
-    """The ASGI app; ``load()`` (run in a thread at startup) compiles or reuses the model and returns it."""
+def create_app(
+    load: Callable[[], Served],
+    model_name: str,
+    max_queue: int = 64,
+    api_key: str | None = None,
+    instance: str | None = None,
+):
+    """The ASGI app; ``load()`` (run in a thread at startup) compiles or reuses the model and returns it.
+
+    Every response names the process that answered in ``X-QGraph-Instance`` (``instance``; default host and pid):
+    behind a load balancer or Ray Serve's proxy that says which replica served a request."""
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI
@@ -140,13 +159,12 @@ def create_app(load: Callable[[], Served], model_name: str, max_queue: int = 64,
         metrics.requests.labels(request.url.path, "400").inc()
         return error(400, "; ".join(parts) or "invalid request")
 
-    @app.middleware("http")
-    async def authorize(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1/"):
-            if request.headers.get("authorization", "") != f"Bearer {api_key}":
-                metrics.requests.labels(request.url.path, "401").inc()
-                return error(401, "missing or wrong API key (Authorization: Bearer ...)", "authentication_error")
-        return await call_next(request)
+    def unauthorised(path: str) -> JSONResponse:
+        metrics.requests.labels(path, "401").inc()
+        return error(401, "missing or wrong API key (Authorization: Bearer ...)", "authentication_error")
+
+    instance = instance or f"{socket.gethostname()}-{os.getpid()}"
+    app.add_middleware(_Gate, api_key=api_key, instance=instance, refuse=unauthorised)
 
     @app.get("/health")
     async def health():
@@ -179,16 +197,26 @@ def create_app(load: Callable[[], Served], model_name: str, max_queue: int = 64,
             return error(429, f"the server is at its limit of {max_queue} requests; retry shortly", "rate_limit_error",
                          headers={"Retry-After": str(RETRY_AFTER_S)})  # fmt: skip
         try:
-            handle = submit(served, body.engine_options())
+            handle = submit(served, served.options(body.engine_options()))
         except QGraphError as exc:
             admission.leave()
             metrics.requests.labels(endpoint, "400").inc()
             return error(400, str(exc))
         request_id = new_id("cmpl" if endpoint == "/v1/completions" else "chatcmpl")
         if body.stream:
-            metrics.requests.labels(endpoint, "200").inc()
+            # The status line goes out with the first token, not before: until then a failure (a replica lost, the
+            # engine stopped) is a 5xx the client may retry, not a broken stream of a request that never started.
             events = _events(handle, request, admission, metrics)
-            return StreamingResponse(_sse(events, request_id, body.model, make_chunk), media_type="text/event-stream")
+            try:
+                first = await _first_or_gone(events, request)
+            except Exception as exc:  # noqa: BLE001 - the engine stopped: the client hears it as a server error
+                metrics.requests.labels(endpoint, "500").inc()
+                return error(500, f"generation failed: {type(exc).__name__}: {exc}", "server_error")
+            if first is None:  # the client went away: its request was cancelled
+                return JSONResponse({}, 499)
+            metrics.requests.labels(endpoint, "200").inc()
+            stream = _sse(_chain(first, events), request_id, body.model, make_chunk)
+            return StreamingResponse(stream, media_type="text/event-stream")
         try:
             completion = await _until_done_or_gone(handle, request)
         finally:
@@ -235,13 +263,9 @@ async def _until_done_or_gone(handle, request) -> Any:
 
 async def _events(handle, request, admission: _Admission, metrics: ServerMetrics) -> AsyncIterator:
     """The handle's events as they come; a client that goes away (the response task is cancelled) cancels it."""
-    iterator = iter(handle)
     finished = False
     try:
-        while True:
-            event = await asyncio.to_thread(next, iterator, None)
-            if event is None:
-                break
+        async for event in handle.stream():
             if event.finish_reason is not None:
                 finished = True
                 req = handle.request
@@ -253,6 +277,50 @@ async def _events(handle, request, admission: _Admission, metrics: ServerMetrics
         if not finished:
             handle.cancel()
         admission.leave()
+
+
+async def _first_or_gone(events: AsyncIterator, request) -> Any:
+    """The first event, or None after cancelling the request when the client disconnects first."""
+    first = asyncio.ensure_future(anext(events))
+    while not first.done():
+        done, _ = await asyncio.wait({first}, timeout=0.25)
+        if not done and await request.is_disconnected():
+            first.cancel()  # the generator's cleanup cancels the request and frees its place
+            await asyncio.gather(first, return_exceptions=True)
+            return None
+    return first.result()
+
+
+async def _chain(first, rest: AsyncIterator) -> AsyncIterator:
+    yield first
+    async for event in rest:
+        yield event
+
+
+class _Gate:
+    """Pure ASGI middleware (``@app.middleware`` would copy every streamed chunk through a memory stream): the API
+    key check on ``/v1/`` and the ``X-QGraph-Instance`` header on every response."""
+
+    def __init__(self, app, api_key: str | None, instance: str, refuse: Callable[[str], Any]):
+        self.app, self.refuse = app, refuse
+        self.expected = f"Bearer {api_key}".encode() if api_key else None
+        self.header = (b"x-qgraph-instance", instance.encode())
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        if self.expected and path.startswith("/v1/") and dict(scope["headers"]).get(b"authorization") != self.expected:
+            return await self.refuse(path)(scope, receive, self._named(send))
+        await self.app(scope, receive, self._named(send))
+
+    def _named(self, send):
+        async def named(message):
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), self.header]
+            await send(message)
+
+        return named
 
 
 async def _sse(events: AsyncIterator, request_id: str, model: str, make_chunk) -> AsyncIterator[str]:

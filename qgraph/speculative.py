@@ -26,7 +26,7 @@ import numpy as np
 
 from qgraph.backend_api import DecoderSession
 from qgraph.errors import QGraphError
-from qgraph.proposers import Proposal, Proposer
+from qgraph.proposers import DraftModel, PromptLookup, Proposal, Proposer
 from qgraph.request import Request
 from qgraph.runtime import PAD_POSITION, StepTimer, logits_positions, prefill_rows
 
@@ -79,6 +79,11 @@ def _group_steps(
     for r in group:
         r.times.admitted = t0
     last = prefill_rows(session, rows, pad_token_id)
+    # the proposer takes the prompts in before the first token: a draft model's prefill is prompt processing (TTFT),
+    # not decode time
+    proposer.reset(len(rows))
+    for i, r in enumerate(group):
+        proposer.admit(i, r)
     taken = [(r, r.accept(last[i])) for i, r in enumerate(group)]
     t1 = time.perf_counter()
     timer.prefill_s += t1 - t0
@@ -86,15 +91,11 @@ def _group_steps(
         timer.first_token = t1
     try:
         yield taken
-        proposer.reset(len(rows))
-        for i, r in enumerate(group):
-            if not r.done:
-                proposer.admit(i, r)
         while True:
             live = [r if r is not None and not r.done else None for r in rows_of(group, len(rows))]
             if not any(r is not None for r in live):
                 break
-            yield verify_step(session, live, proposer, num_tokens, pad_token_id, timer)
+            yield verify_step(session, live, proposer, [num_tokens] * len(live), pad_token_id, timer)
     finally:
         timer.decode_s += time.perf_counter() - t1
         timer.device_s += session.device_seconds + getattr(proposer, "device_seconds", 0.0)
@@ -105,30 +106,41 @@ def rows_of(group: list[Request], rows: int) -> list[Request | None]:
     return [group[i] if i < len(group) else None for i in range(rows)]
 
 
-def guess_limits(live: Sequence[Request | None], num_tokens: int, ctx_len: int) -> list[int]:
-    """How many guesses each row may be checked on: at most ``num_tokens`` and no more than it could still accept
-    (its token limit). A verification run is ``num_tokens + 1`` wide (the one shape a static-shape target compiled
-    for it), and every row's columns, its padding too, must stay inside ``ctx_len``: the last steps before a row
-    of the batch reaches the end are plain decode steps."""
+def run_width(session: DecoderSession, num_tokens: int) -> int:
+    """Columns of a verification run: what the session's logits keep (the shape a static-shape target compiled), or
+    ``num_tokens + 1``."""
+    kept = getattr(session, "logits_positions", None)
+    return num_tokens + 1 if kept is None else max(kept, num_tokens + 1)
+
+
+def guess_limits(live: Sequence[Request | None], ks: Sequence[int], width: int, ctx_len: int) -> list[int]:
+    """How many guesses each row may be checked on: at most its ``k`` and no more than it could still accept (its
+    token limit). Every row's columns of the ``width``-wide run, its padding too, must stay inside ``ctx_len``: the
+    last steps before a row of the batch reaches the end are plain decode steps."""
     positions = [r.next_position for r in live if r is not None]
-    if not positions or max(positions) + num_tokens + 1 > ctx_len:
+    if not positions or max(positions) + width > ctx_len:
         return [0] * len(live)
-    return [0 if r is None else max(0, min(num_tokens, r.limit - len(r.generated) - 1)) for r in live]
+    return [
+        0 if r is None else max(0, min(k, width - 1, r.limit - len(r.generated) - 1))
+        for r, k in zip(live, ks, strict=True)
+    ]
 
 
 def verify_step(
     session: DecoderSession,
     live: Sequence[Request | None],
     proposer: Proposer,
-    num_tokens: int,
+    ks: Sequence[int],
     pad_token_id: int,
     timer: StepTimer,
 ) -> list[tuple[Request, int]]:
-    """One verification run over the live rows (None: a finished or empty row); returns the tokens taken."""
-    limits = guess_limits(live, num_tokens, session.ctx_len)
+    """One verification run over the live rows (None: a finished or empty row), each row checking up to its own
+    ``ks[i]`` guesses; returns the tokens taken, in order per row."""
+    width = run_width(session, max(ks))
+    limits = guess_limits(live, ks, width, session.ctx_len)
     proposals = proposer.propose(live, limits) if any(limits) else [Proposal() for _ in live]
     guesses = [p.tokens[:limit] for p, limit in zip(proposals, limits, strict=True)]
-    width = num_tokens + 1 if any(guesses) else 1  # trailing padding columns cost nothing: ORT drops them
+    width = width if any(guesses) else 1  # trailing padding columns cost nothing on ORT: it drops them
     ids = np.full((len(live), width), pad_token_id, dtype=np.int64)
     pos = np.full((len(live), width), PAD_POSITION, dtype=np.int64)
     for i, r in enumerate(live):
@@ -151,16 +163,81 @@ def verify_step(
         rows = logits[i, logits.shape[1] - count :] if kept is not None else logits[i, :count]
         probs = proposals[i].probs[: len(guesses[i])] if proposals[i].probs is not None else None
         tokens = take_verified(r, rows, guesses[i], probs)
-        accepted = _matching_prefix(tokens, guesses[i])
         if guesses[i]:
+            accepted = _matching_prefix(tokens, guesses[i])
             proposed_any = True
             proposer.feedback(i, len(guesses[i]), accepted)
-            timer.proposed += len(guesses[i])
-            timer.accepted += accepted
-            timer.verified_rows += 1
+            for counts in (timer, r.speculation):
+                counts.proposed += len(guesses[i])
+                counts.accepted += accepted
+                counts.verified_rows += 1
         taken += [(r, t) for t in tokens]
     timer.verify_runs += proposed_any
     return taken
+
+
+class RequestProposers:
+    """Rows whose requests choose their own proposer (continuous batching): prompt lookup with each request's ``k``,
+    or a draft model per assistant model (each on its own session of the draft's artifact, with one row per slot).
+    Behind the ``Proposer`` interface: each row's guesses come from its own request's choice."""
+
+    def __init__(self, rows: int, ctx_len: int):
+        self.rows = rows
+        self.lookup = PromptLookup(ctx_len)  # each row's k arrives as its limit
+        self.lookup.reset(rows)
+        self.drafts: dict[int, DraftModel] = {}
+        self.chosen: list[Proposer | None] = [None] * rows
+
+    def reset(self, rows: int) -> None:
+        pass  # rows live as long as the engine: admit starts each one afresh
+
+    def _draft(self, model) -> DraftModel:
+        if id(model) not in self.drafts:
+            if getattr(model, "artifact", None) is None:
+                raise QGraphError("assistant_model is not compiled: call assistant_model.compile(...) first")
+            draft = DraftModel(model, self.lookup.num_tokens, session=model.artifact.load())
+            draft.reset(self.rows)
+            self.drafts[id(model)] = draft
+        return self.drafts[id(model)]
+
+    def admit(self, row: int, request: Request) -> None:
+        options = request.options
+        chosen = None
+        if options.prompt_lookup_num_tokens is not None:
+            chosen = self.lookup
+        elif options.assistant_model is not None:
+            chosen = self._draft(options.assistant_model)
+        self.chosen[row] = chosen
+        if chosen is not None:
+            chosen.admit(row, request)
+
+    def propose(self, requests: Sequence[Request | None], limits: Sequence[int]) -> list[Proposal]:
+        proposals = [Proposal() for _ in requests]
+        for proposer in {id(p): p for p in self.chosen if p is not None}.values():
+            mine = [r if self.chosen[i] is proposer else None for i, r in enumerate(requests)]
+            if any(r is not None and limits[i] for i, r in enumerate(mine)):
+                for i, proposal in enumerate(proposer.propose(mine, limits)):
+                    if mine[i] is not None:
+                        proposals[i] = proposal
+        return proposals
+
+    def feedback(self, row: int, proposed: int, accepted: int) -> None:
+        if self.chosen[row] is not None:
+            self.chosen[row].feedback(row, proposed, accepted)
+
+    @property
+    def device_seconds(self) -> float:
+        return sum(d.device_seconds for d in self.drafts.values())
+
+
+def guesses_asked(request: Request, compiled: int) -> int:
+    """The guesses per verification a request asks for (0: it decodes plainly)."""
+    options = request.options
+    if options.prompt_lookup_num_tokens is not None:
+        return options.prompt_lookup_num_tokens
+    if options.assistant_model is not None:
+        return options.num_assistant_tokens or compiled
+    return 0
 
 
 def take_verified(

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
+import logging
+import os
 import signal
 import socket
 import subprocess
@@ -135,7 +137,9 @@ def test_stop_strings_and_seeded_sampling(client):
 def test_models_health_and_metrics_as_prometheus_text(client, server):
     client.completions.create(model=NAME, prompt=PROMPT, max_tokens=3, temperature=0)
     assert [m.id for m in client.models.list().data] == [NAME]
-    assert httpx.get(f"{server}/health").json() == {"status": "ok"}
+    health = httpx.get(f"{server}/health")
+    assert health.json() == {"status": "ok"}
+    assert health.headers["x-qgraph-instance"].endswith(f"-{os.getpid()}")  # which process answered: this one
     from prometheus_client.parser import text_string_to_metric_families
 
     families = {f.name: f for f in text_string_to_metric_families(httpx.get(f"{server}/metrics").text)}
@@ -279,10 +283,40 @@ def test_qgraph_serve_drains_in_flight_requests_on_sigterm(served, paths, cache_
             process.kill()
 
 
+RAY_PROMPTS = [PROMPT, "where is the river", "the old house on the hill", "one two three"]
+
+
+def _ask_streamed(client, prompt: str) -> tuple[str, str | None]:
+    """(the replica that answered, the streamed text; None when the stream broke after it had started)."""
+    raw = client.completions.with_raw_response.create(model=NAME, prompt=prompt, max_tokens=10, temperature=0,
+                                                      stream=True)  # fmt: skip
+    instance, pieces = raw.headers["x-qgraph-instance"], []
+    try:
+        for chunk in raw.parse():
+            pieces.append(chunk.choices[0].text)
+    except (openai.APIError, httpx.HTTPError):
+        return instance, None
+    return instance, "".join(pieces)
+
+
+def _replicas_running(serve, n: int, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = serve.status().applications["qgraph"].deployments["qgraph"]
+        if status.replica_states.get("RUNNING") == n and len(status.replica_states) == 1:
+            return True
+        time.sleep(0.5)
+    return False
+
+
 @pytest.mark.slow
-def test_ray_serve_replicas_answer_like_the_model_alone(served, paths, cache_dir):
-    """The same app on Ray Serve, two replicas on a local cluster, each loading the cached artifact."""
-    ray = pytest.importorskip("ray")
+def test_ray_serve_replicas_share_the_load_and_survive_losing_one(served, paths, cache_dir, caplog):
+    """The same app on Ray Serve, two replicas on a local cluster, each loading the cached artifact: 40 concurrent
+    streamed requests through Ray's proxy with the official client all answer like the model alone and reach both
+    replicas; a replica killed mid-load loses no request that had not started streaming (the client retries the 5xx
+    of a request that had no first token yet; the server sends its status line with the first token), and Ray
+    replaces it."""
+    ray = pytest.importorskip("ray", reason="the Ray Serve test needs the ray extra: pip install 'qgraph[ray]'")
     from ray import serve
 
     from qgraph.ray_serve import application
@@ -296,6 +330,10 @@ def test_ray_serve_replicas_answer_like_the_model_alone(served, paths, cache_dir
         assert model.artifact.reused, "a replica reuses the artifact the driver compiled"
         return Served(model, load_tokenizer(tokenizer_dir))
 
+    tokenizer = served[0].tokenizer
+    expected = {
+        p: served[1].generate(tokenizer, [p], max_new_tokens=10, verbose=False).generated_texts[0] for p in RAY_PROMPTS
+    }
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -305,13 +343,40 @@ def test_ray_serve_replicas_answer_like_the_model_alone(served, paths, cache_dir
         serve.run(application(load, NAME, replicas=2, cpus_per_replica=0.5), name="qgraph", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
         wait_ready(url, timeout_s=300)
-        status = serve.status().applications["qgraph"].deployments["qgraph"]
-        assert status.replica_states.get("RUNNING") == 2
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
-        expected = served[1].generate(served[0].tokenizer, [PROMPT], max_new_tokens=10, verbose=False)
-        for _ in range(4):  # requests spread over both replicas: every answer is the model's
-            answer = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=10, temperature=0)
-            assert answer.choices[0].text == expected.generated_texts[0]
+        assert _replicas_running(serve, 2, 60)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=5, timeout=120)
+        prompts = [RAY_PROMPTS[i % len(RAY_PROMPTS)] for i in range(40)]
+        with concurrent.futures.ThreadPoolExecutor(40) as pool:
+            answers = list(pool.map(lambda p: _ask_streamed(client, p), prompts))
+        assert [text for _, text in answers] == [expected[p] for p in prompts]
+        replicas = {instance for instance, _ in answers}
+        assert len(replicas) == 2 and all(r.startswith("SERVE_REPLICA::qgraph#qgraph#") for r in replicas), replicas
+
+        victim = sorted(replicas)[0]
+        caplog.set_level(logging.INFO, logger="openai._base_client")  # where the client says it retries
+        with concurrent.futures.ThreadPoolExecutor(40) as pool:
+            futures = [pool.submit(_ask_streamed, client, p) for p in prompts]
+            concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_COMPLETED)
+            ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)  # mid-load: 39 still in flight
+            answers = [f.result() for f in futures]  # a request lost before streaming raises here
+        broken = sum(text is None for _, text in answers)
+        logging.getLogger(__name__).info("killed mid-load: %d of 40 streams broke after their first token", broken)
+        for prompt, (instance, text) in zip(prompts, answers, strict=True):
+            # a complete, correct answer, or a stream that had started on the killed replica and broke
+            assert text == expected[prompt] or (text is None and instance == victim), (instance, text)
+        assert any(instance != victim for instance, _ in answers)
+        # the killed replica's queued requests (no first token yet) were answered 5xx and retried elsewhere
+        assert any("Retrying request" in r.getMessage() for r in caplog.records), "no request was retried"
+
+        assert _replicas_running(serve, 2, 180), "Ray did not replace the killed replica"
+        seen: set[str] = set()
+        deadline = time.monotonic() + 120
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            while not seen - replicas and time.monotonic() < deadline:  # the proxy learns of the new one shortly
+                for instance, text in pool.map(lambda p: _ask_streamed(client, p), RAY_PROMPTS * 2):
+                    assert text is not None
+                    seen.add(instance)
+        assert seen - replicas, f"no request reached the replacement replica: {seen}"
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -9,6 +9,7 @@ Mistral's sliding window (12) is shorter than prompt + new tokens.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,7 +23,7 @@ from qgraph.request import Request
 from qgraph.runtime import StepTimer
 from qgraph.speculative import speculative_batch_steps
 from tests.parity import LONG_PROMPT, hf_greedy
-from tests.tiny_models import VOCAB_SIZE
+from tests.tiny_models import VOCAB_SIZE, make_tokenizer
 
 ARCHS = ["gpt2", "llama", "qwen2", "mistral"]
 K_MAX = 8
@@ -269,7 +270,7 @@ def test_prompt_lookup_backs_off_after_misses():
 
 
 def test_draft_probabilities_are_returned_when_sampling(compiled, int4_draft, tokenizer):
-    draft = DraftModel(int4_draft, 3)
+    draft = DraftModel(int4_draft, 3, confidence_threshold=0.0)  # every guess, however unsure
     draft.reset(1)
     options = GenerationOptions(max_new_tokens=8)
     sampling = GenerationOptions(
@@ -288,6 +289,248 @@ def test_draft_probabilities_are_returned_when_sampling(compiled, int4_draft, to
             assert all(proposal.probs[j, t] > 0 for j, t in enumerate(proposal.tokens))
 
 
+def test_the_draft_stops_after_a_guess_it_is_not_confident_of(compiled, int4_draft, tokenizer):
+    """transformers' assistant_confidence_threshold: the guesses end with the first one whose draft probability is
+    below the threshold (a tiny random model is never sure: threshold 1 keeps one guess, 0 keeps all)."""
+    request = Request(tokenizer(PROMPTS[1])["input_ids"], GenerationOptions(max_new_tokens=8), CTX)
+    request.take(5)
+    proposals = {}
+    for threshold in (0.0, 1.0):
+        draft = DraftModel(int4_draft, 3, confidence_threshold=threshold)
+        draft.reset(1)
+        draft.admit(0, request)
+        [proposals[threshold]] = draft.propose([request], [3])
+    assert len(proposals[0.0].tokens) == 3
+    assert proposals[1.0].tokens == proposals[0.0].tokens[:1]
+
+
 def test_without_speculation_nothing_changes(compiled, tokenizer):
     again = compiled.model.generate(tokenizer, PROMPTS, max_new_tokens=NEW, verbose=False)
     assert again.generated_ids == compiled.plain and again.stats.verify_runs == 0
+
+
+# -- continuous batching ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def engine_model(tiny_model_dir, cache_dir):
+    qg = QEFFAutoModelForCausalLM.from_pretrained(str(tiny_model_dir("llama")), cache_dir=cache_dir, verbose=False)
+    qg.compile(prefill_seq_len=8, ctx_len=CTX, full_batch_size=4, num_speculative_tokens=K_MAX)
+    yield qg
+    qg.engine.close()
+
+
+def test_engine_requests_with_and_without_speculation_give_plain_greedy(
+    engine_model, tiny_model_dir, cache_dir, tokenizer
+):
+    """Requests joining 4 slots, each with its own proposer (prompt lookup k=1..8, an int4 draft, none), accept
+    different numbers of tokens per run and still give exactly the tokens they give alone without speculation."""
+    draft = QEFFAutoModelForCausalLM.from_pretrained(str(tiny_model_dir("llama")), cache_dir=cache_dir, verbose=False)
+    draft.compile(prefill_seq_len=8, ctx_len=CTX, precision="int4")
+    prompts = [PROMPTS[i % 3] + " " + " ".join(PROMPTS[(i + 1) % 3].split()[: i % 4]) for i in range(9)]
+    lookup, drafted, plain = (
+        ({"prompt_lookup_num_tokens": 1 + (i * 3) % 8} for i in range(9)),
+        {"assistant_model": draft},
+        {},
+    )
+    choices = [next(lookup) if i % 3 == 0 else drafted if i % 3 == 1 else plain for i in range(9)]
+    alone = [engine_model.generate(tokenizer, p, max_new_tokens=NEW, verbose=False).generated_ids[0] for p in prompts]
+    handles = [
+        engine_model.submit(tokenizer, p, max_new_tokens=NEW, **c) for p, c in zip(prompts, choices, strict=True)
+    ]
+    completions = [h.result(timeout=600) for h in handles]
+    assert [c.generated_ids for c in completions] == alone
+    assert sum(c.stats.proposed_tokens for c in completions) > 0
+    assert sum(c.stats.accepted_tokens for c in completions) > 0
+    events = list(engine_model.submit(tokenizer, prompts[1], max_new_tokens=NEW, prompt_lookup_num_tokens=8))
+    assert [t for e in events for t in e.token_ids] == alone[1]
+
+
+def test_engine_refuses_more_guesses_than_compiled(engine_model, tokenizer):
+    with pytest.raises(QGraphError, match="num_speculative_tokens >= 9"):
+        engine_model.submit(tokenizer, PROMPTS[0], prompt_lookup_num_tokens=9)
+
+
+# -- sampling through the verification loop ---------------------------------------------------------------------------
+
+MARKOV_VOCAB = 5
+# logits of the next token given the last one (a "graph with known logits"); -inf: a token that never follows
+MARKOV_PROBS = np.array(
+    [
+        [0.05, 0.4, 0.3, 0.25, 0.0],
+        [0.3, 0.05, 0.0, 0.25, 0.4],
+        [0.2, 0.2, 0.2, 0.2, 0.2],
+        [0.0, 0.6, 0.1, 0.1, 0.2],
+        [0.5, 0.0, 0.25, 0.0, 0.25],
+    ]
+)
+MARKOV_LOGITS = np.where(MARKOV_PROBS > 0, np.log(np.maximum(MARKOV_PROBS, 1e-30)), -np.inf)
+
+
+class KnownLogits:
+    """A decoder session whose logits depend on each position's own token only: a Markov chain with known law."""
+
+    ctx_len, prefill_seq_len, device_seconds, logits_positions = 32, 4, 0.0, None
+
+    def reset(self, batch_size: int) -> None:
+        pass
+
+    def run(self, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        return MARKOV_LOGITS[input_ids].astype(np.float32)
+
+
+class MostLikelyChain:
+    """A deterministic proposer: the most likely continuation of the chain (right often, not always)."""
+
+    def reset(self, rows: int) -> None:
+        pass
+
+    def admit(self, row: int, request: Request) -> None:
+        pass
+
+    def propose(self, requests, limits) -> list[Proposal]:
+        out = []
+        for request, limit in zip(requests, limits, strict=True):
+            chain = [request.context[-1]] if request is not None else []
+            for _ in range(limit if request is not None else 0):
+                chain.append(int(np.argmax(MARKOV_LOGITS[chain[-1]])))
+            out.append(Proposal(chain[1:]))
+        return out
+
+    def feedback(self, row: int, proposed: int, accepted: int) -> None:
+        pass
+
+
+def test_speculative_sampling_through_the_loop_follows_plain_sampling():
+    """The first pair and the (3rd, 4th) pair of tokens of seeded sampling requests decoded speculatively (k = 3,
+    deterministic guesses checked by ``speculative_accept`` against each request's own distribution) are distributed
+    as plain sampling's. Chi-square at a one-in-a-million false-failure rate per pair."""
+    from qgraph.sampling import SamplingOptions
+    from tests.test_sampling import Z_ONE_IN_A_MILLION, _chi_square_critical
+
+    runs, start = 6000, 2
+    requests = [
+        Request([start], GenerationOptions(SamplingOptions(do_sample=True, seed=seed), max_new_tokens=5), 32)
+        for seed in range(runs)
+    ]
+    timer = StepTimer()
+    for _ in speculative_batch_steps(KnownLogits(), requests, 200, 0, timer, MostLikelyChain(), 3):
+        pass
+    assert 0 < timer.accepted < timer.proposed
+    chain = MARKOV_PROBS
+    for first in (0, 2):
+        law = np.linalg.matrix_power(chain, first + 1)[start][:, None] * chain
+        pairs = np.array([r.generated[first : first + 2] for r in requests])
+        counts = np.bincount(pairs[:, 0] * MARKOV_VOCAB + pairs[:, 1], minlength=MARKOV_VOCAB**2)
+        expected = law.ravel() * runs
+        possible = expected > 0
+        assert counts[~possible].sum() == 0, "a pair plain sampling never emits was emitted"
+        chi2 = float((((counts[possible] - expected[possible]) ** 2) / expected[possible]).sum())
+        assert chi2 < _chi_square_critical(int(possible.sum()) - 1, Z_ONE_IN_A_MILLION), (first, chi2)
+
+
+def test_seeded_speculative_sampling_repeats_and_top_k_1_is_greedy(compiled, int4_draft, tokenizer):
+    sample = dict(do_sample=True, temperature=1.5, seed=11, max_new_tokens=NEW, verbose=False)
+    for speculation in ({"prompt_lookup_num_tokens": 4}, {"assistant_model": int4_draft}):
+        once = compiled.model.generate(tokenizer, PROMPTS, **sample, **speculation).generated_ids
+        assert compiled.model.generate(tokenizer, PROMPTS, **sample, **speculation).generated_ids == once
+        greedy = compiled.model.generate(tokenizer, PROMPTS, **(sample | {"top_k": 1}), **speculation)
+        assert greedy.generated_ids == compiled.plain  # a one-token distribution: sampling is greedy
+
+
+# -- the CLI and the server take the same names -----------------------------------------------------------------------
+
+
+def test_cli_prompt_lookup_and_assistant_model_print_plain_greedy(
+    compiled, tiny_model_dir, cache_dir, tmp_path, capsys
+):
+    from qgraph.cli import main
+
+    if compiled.arch != "llama":
+        pytest.skip("one architecture is enough for the flags")
+    tokenizer_dir = tmp_path / "tok"
+    tokenizer = make_tokenizer(tokenizer_dir)
+    expected = tokenizer.decode(compiled.plain[1], skip_special_tokens=True)
+    model = str(tiny_model_dir("llama"))
+    argv = ["infer", "--model", model, "--tokenizer", str(tokenizer_dir), "--prompt", PROMPTS[1]]
+    argv += ["--prompt-len", "8", "--ctx-len", str(CTX), "--cache-dir", str(cache_dir), "--max-new-tokens", str(NEW)]
+    for extra in (["--prompt-lookup-num-tokens", "4"], ["--assistant-model", model, "--assistant-precision", "int4"]):
+        capsys.readouterr()
+        assert main(argv + extra) == 0
+        out = capsys.readouterr().out
+        assert out.startswith(f"{PROMPTS[1]}{expected}\n") and "proposed" in out
+    assert main(argv + ["--prompt-lookup-num-tokens", "4", "--num-speculative-tokens", "2"]) == 2
+    assert "num_speculative_tokens >= 4" in capsys.readouterr().err
+
+
+def test_server_takes_prompt_lookup_num_tokens_and_a_draft_model(engine_model, tiny_model_dir, cache_dir, tokenizer):
+    """One server with a draft model (``--assistant-model``): a request asking for prompt lookup uses it, the others
+    draft; both answer like plain greedy. Too many guesses is a 400 naming the compile."""
+    openai = pytest.importorskip("openai")
+    pytest.importorskip("uvicorn")
+    from qgraph.server import Served, create_app
+    from tests.test_server import _start
+
+    directory = str(tiny_model_dir("llama"))
+    model = QEFFAutoModelForCausalLM.from_pretrained(directory, cache_dir=cache_dir, verbose=False)
+    model.compile(prefill_seq_len=8, ctx_len=CTX, full_batch_size=4, num_speculative_tokens=K_MAX)  # cached
+    draft = QEFFAutoModelForCausalLM.from_pretrained(directory, cache_dir=cache_dir, verbose=False)
+    draft.compile(prefill_seq_len=8, ctx_len=CTX, precision="int4")
+    expected = engine_model.generate(tokenizer, PROMPTS[1], max_new_tokens=NEW, verbose=False).generated_texts[0]
+    served = Served(model, tokenizer, assistant_model=draft)
+    url, server, thread = _start(create_app(lambda: served, "tiny", max_queue=4))
+    try:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
+        for extra in ({"prompt_lookup_num_tokens": 8}, {}):
+            response = client.completions.create(
+                model="tiny", prompt=PROMPTS[1], max_tokens=NEW, temperature=0, extra_body=extra
+            )
+            assert response.choices[0].text == expected
+        assert model.engine.speculation.proposed > 0
+        with pytest.raises(openai.BadRequestError, match="num_speculative_tokens >= 9"):
+            client.completions.create(
+                model="tiny", prompt=PROMPTS[1], temperature=0, extra_body={"prompt_lookup_num_tokens": 9}
+            )
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def test_ort_allow_spinning_is_a_session_option():
+    """Sessions that take turns on the same cores (a draft and its target) may turn spinning off."""
+    from qgraph.backends.ort_options import session_options
+
+    assert session_options({"allow_spinning": False}).get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    with pytest.raises(QGraphError, match="allow_spinning.*true or false"):
+        session_options({"allow_spinning": "no"})
+
+
+# -- SmolLM2 (real weights, slow) -------------------------------------------------------------------------------
+
+SMOLLM2 = Path("~/.cache/qgraph/weights/smollm2-135m-instruct-hf").expanduser()
+CODE = "def area(width, height):\n    return width * height\n\n\nprint(area(3, 4))\nprint(area(5, 6))\n"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SMOLLM2.is_dir(), reason="SmolLM2 weights not converted here (bash scripts/demo.sh does it)")
+def test_smollm2_prompt_lookup_and_int4_self_draft_give_float32_greedy():
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(SMOLLM2)
+    target = QEFFAutoModelForCausalLM.from_pretrained(str(SMOLLM2), verbose=False)
+    target.compile(prefill_seq_len=32, ctx_len=256, batch_size=3, num_speculative_tokens=K_MAX)
+    draft = QEFFAutoModelForCausalLM.from_pretrained(str(SMOLLM2), verbose=False)
+    draft.compile(prefill_seq_len=32, ctx_len=256, precision="int4")
+    conversations = [
+        [{"role": "user", "content": f"Rename area to rectangle_area in this code:\n{CODE}"}],
+        [{"role": "user", "content": "What is the capital of France?"}],
+        [{"role": "user", "content": f"Repeat this code exactly:\n{CODE}"}],
+    ]
+    plain = target.generate(tokenizer, messages=conversations, max_new_tokens=32, verbose=False).generated_ids
+    for k in (1, 3, 5, 8):
+        for speculation in ({"prompt_lookup_num_tokens": k}, {"assistant_model": draft, "num_assistant_tokens": k}):
+            result = target.generate(tokenizer, messages=conversations, max_new_tokens=32, verbose=False, **speculation)
+            assert result.generated_ids == plain, (k, list(speculation))
+            assert result.stats.accepted_tokens > 0
+    alone = target.generate(tokenizer, messages=conversations[:1], max_new_tokens=32, verbose=False, **speculation)
+    assert alone.generated_ids == plain[:1]

@@ -4,13 +4,26 @@ The target is a Markov chain over a small vocabulary (the next token's distribut
 and some tokens have probability 0, as after top-k), so the exact distribution of every pair of consecutive tokens
 of plain sampling is known in closed form. A speculative decode loop built on ``speculative_accept`` is run many
 times from the same context and its pairs are compared with that law by a chi-square test.
+
+The same chain as an ONNX graph (logits = a row of a known table, picked by the token fed) runs the whole
+speculative path: qgraph's speculative loop, verification runs through ONNX Runtime, each request's warped
+distributions, the acceptance rule, with prompt lookup and test proposers.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
+from onnx import TensorProto, helper
 
+from qgraph.backends.ort import OrtDecoderSession
+from qgraph.decoding import GenerationOptions
+from qgraph.proposers import PromptLookup, Proposal
+from qgraph.request import Request
+from qgraph.runtime import StepTimer
+from qgraph.sampling import SamplingOptions, sampling_probabilities
+from qgraph.speculative import speculative_batch_steps
 from qgraph.speculative_sampling import speculative_accept
 from tests.test_sampling import Z_ONE_IN_A_MILLION, _chi_square_critical
 
@@ -222,3 +235,124 @@ def test_shapes_that_do_not_match_are_refused(target_shape, tokens, draft_shape,
     draft = None if draft_shape is None else np.full(draft_shape, 1 / draft_shape[1])
     with pytest.raises(ValueError, match=message):
         speculative_accept(np.full(target_shape, 1 / VOCAB), tokens, draft, np.random.default_rng(0))
+
+
+# -- through the runtime: a verification graph with known logits ---------------------------------------------------
+
+CHAIN_LOGITS = np.log(_target_chain() + 0.02).astype(np.float32)  # row a: the logits after token a (all distinct)
+CHAIN_OPTIONS = SamplingOptions(do_sample=True, temperature=0.9, top_k=VOCAB - 1)  # top-k drops one token per row
+CHAIN_NEW_TOKENS = 3000
+
+
+def _chain_session(tmp_path, ctx_len: int) -> OrtDecoderSession:
+    """A retained-state graph whose logits at every position are CHAIN_LOGITS[the token fed there]: a first-order
+    Markov chain with known transition probabilities, and logits for every fed token (a verification run's layout)."""
+    state = [f"past_{kind}.0" for kind in ("key", "value")]
+    nodes = [
+        helper.make_node("Gather", ["table", "input_ids"], ["logits"], axis=0),
+        *(helper.make_node("Identity", [s], [f"{s}_RetainedState"]) for s in state),
+    ]
+    table = helper.make_tensor("table", TensorProto.FLOAT, [VOCAB, VOCAB], CHAIN_LOGITS.ravel().tolist())
+    kv = ["batch", 1, ctx_len, 1]
+    graph = helper.make_graph(
+        nodes,
+        "chain_logits",
+        [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+            helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "seq"]),
+            *(helper.make_tensor_value_info(s, TensorProto.FLOAT, kv) for s in state),
+        ],
+        [
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", VOCAB]),
+            *(helper.make_tensor_value_info(f"{s}_RetainedState", TensorProto.FLOAT, kv) for s in state),
+        ],
+        [table],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    onnx.checker.check_model(model)
+    path = tmp_path / "chain_logits.onnx"
+    onnx.save(model, path)
+    return OrtDecoderSession(path, {}, ["CPUExecutionProvider"], prefill_seq_len=4)
+
+
+def _warped(last: int) -> np.ndarray:
+    """The request's own sampling distribution after token ``last`` (what plain sampling draws from)."""
+    return sampling_probabilities(CHAIN_LOGITS[last], CHAIN_OPTIONS)
+
+
+class ChainProposer:
+    """A test proposer on the runtime's interface: guesses from a chain of its own (sampled, with its rows), from the
+    target's own distributions (always right), or the token top-k removes (always wrong)."""
+
+    def __init__(self, kind: str, seed: int = 0):
+        self.kind = kind
+        self.rng = np.random.default_rng(seed)
+
+    def reset(self, rows: int) -> None:
+        pass
+
+    def admit(self, row, request) -> None:
+        pass
+
+    def feedback(self, row, proposed, accepted) -> None:
+        pass
+
+    def propose(self, requests, limits):
+        proposals = []
+        for request, limit in zip(requests, limits, strict=True):
+            tokens, rows, last = [], [], None if request is None else request.context[-1]
+            for _ in range(limit if request is not None else 0):
+                if self.kind == "always-wrong":
+                    last = int(np.argmin(CHAIN_LOGITS[last]))
+                    tokens.append(last)
+                    continue
+                row = DRAFT[last] if self.kind == "draft" else _warped(last)
+                last = int(self.rng.choice(VOCAB, p=row))
+                tokens.append(last)
+                rows.append(row)
+            proposals.append(Proposal(tokens, np.array(rows).reshape(len(rows), VOCAB) if rows else None))
+        return proposals
+
+
+@pytest.mark.parametrize("proposer", ["prompt-lookup", "draft", "always-right", "always-wrong"])
+def test_speculative_sampling_through_the_runtime_follows_the_chain(tmp_path, proposer):
+    """4 requests x 3000 tokens through the speculative loop (k = 3, batch 4) on a graph with known logits: the
+    count of every transition a -> b is chi-square consistent with n_a * P(b | a) of plain sampling (temperature 0.9,
+    top-k 5 of 6), every position of a verification run included (accepted guesses, corrections, bonus tokens).
+
+    False-failure rate: 1e-6 per case (Pearson's statistic of a Markov chain's transition counts, Anderson & Goodman
+    1957, compared with the chi-square quantile); seeds are fixed, so the run is deterministic.
+    """
+    k = 3
+    session = _chain_session(tmp_path, CHAIN_NEW_TOKENS + 8 + k + 1)
+    requests = [
+        Request(
+            [0, 1, 2, s],
+            GenerationOptions(SamplingOptions(**{**CHAIN_OPTIONS.__dict__, "seed": s}), CHAIN_NEW_TOKENS),
+            session.ctx_len,
+            index=s,
+        )
+        for s in range(4)
+    ]
+    chooser = PromptLookup(k) if proposer == "prompt-lookup" else ChainProposer(proposer, seed=7)
+    timer = StepTimer()
+    for _ in speculative_batch_steps(session, requests, 4, 0, timer, chooser, k):
+        pass
+    assert all(len(r.generated) == CHAIN_NEW_TOKENS for r in requests)
+    counts = np.zeros((VOCAB, VOCAB), dtype=np.int64)
+    for r in requests:
+        sequence = np.array(r.context[3:])
+        np.add.at(counts, (sequence[:-1], sequence[1:]), 1)
+    expected = counts.sum(axis=1, keepdims=True) * np.stack([_warped(a) for a in range(VOCAB)])
+    possible = expected > 0
+    assert counts[~possible].sum() == 0, "a token top-k removes was emitted"
+    assert (expected[possible] >= 5).all()
+    chi2 = float((((counts[possible] - expected[possible]) ** 2) / expected[possible]).sum())
+    dof = int(possible.sum()) - VOCAB
+    assert chi2 < _chi_square_critical(dof, Z_ONE_IN_A_MILLION), chi2
+    if proposer == "always-wrong":
+        assert timer.proposed > 1000 and timer.accepted == 0
+    elif proposer == "always-right":
+        assert timer.accepted == timer.proposed > 1000
+    else:
+        assert 0.05 * timer.proposed < timer.accepted < 0.95 * timer.proposed
