@@ -55,16 +55,16 @@ CONFIGS: dict[str, dict[str, dict]] = {
 }
 
 
-def quality(precision: str, configs: dict[str, dict], ctx_len: int, stride: int) -> dict[str, dict]:
+def quality(precision: str, configs: dict[str, dict], ctx_len: int, stride: int, hf: bool) -> dict[str, dict]:
     """Perplexity over the ``qgraph eval`` text, its change relative to float32 and top-1 agreement with float32
-    and with HF transformers, per configuration (``qgraph.evaluation``; scores are cached)."""
+    (and with HF transformers when ``hf``), per configuration (``qgraph.evaluation``; scores are cached)."""
     from qgraph.api import QEFFAutoModelForCausalLM
     from qgraph.evaluation import FLOAT32, hf_scores, qgraph_scores, text_tokens
 
     model = QEFFAutoModelForCausalLM.from_pretrained(str(smollm2_dir()), cache_dir=CACHE_DIR, verbose=False)
     tokens = text_tokens(model, None, None, ctx_len, stride)
     reference = qgraph_scores(model, tokens, "ort", FLOAT32, {}, verbose=False).scores
-    hf = hf_scores(model, tokens, verbose=False).scores
+    hf_reference = hf_scores(model, tokens, verbose=False).scores if hf else None
     rows = {FLOAT32: {"perplexity": reference.perplexity, "source": tokens.source, "scored": reference.count}}
     scored: dict[str, object] = {}  # "default" is one of the spelled-out configurations: scored once
     for name, options in configs.items():
@@ -77,7 +77,7 @@ def quality(precision: str, configs: dict[str, dict], ctx_len: int, stride: int)
             "perplexity": scores.perplexity,
             "relative_change": scores.perplexity / reference.perplexity - 1,
             "agreement_float32": scores.agreement(reference),
-            "agreement_hf": scores.agreement(hf),
+            "agreement_hf": scores.agreement(hf_reference) if hf_reference is not None else None,
         }
         print(f"{precision} {name}: perplexity {scores.perplexity:.3f}", file=sys.stderr)
     return rows
@@ -147,7 +147,7 @@ def markdown(result: dict) -> str:
                     f"{q['perplexity']:.3f}",
                     f"{100 * q['relative_change']:+.2f}%",
                     f"{100 * q['agreement_float32']:.1f}%",
-                    f"{100 * q['agreement_hf']:.1f}%",
+                    f"{100 * q['agreement_hf']:.1f}%" if q["agreement_hf"] is not None else "–",
                 ]
                 if q
                 else ["–"] * 4
@@ -170,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ctx-len", type=int, default=512, help="perplexity windows (qgraph eval's default)")
     parser.add_argument("--stride", type=int, default=256)
     parser.add_argument("--skip", choices=("quality", "speed"), default=None)
+    parser.add_argument("--hf", action="store_true", help="also top-1 agreement with HF transformers (slow)")
     parser.add_argument("--out", type=Path, default=RESULTS / "quant_sweep")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -186,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         configs = {n: o for n, o in CONFIGS[precision].items() if chosen is None or n in chosen}
         rows = {"configs": configs, "quality": {}, "speed": {}}
         if args.skip != "quality":
-            rows["quality"] = quality(precision, configs, args.ctx_len, args.stride)
+            rows["quality"] = quality(precision, configs, args.ctx_len, args.stride, args.hf)
             result["quality_method"] = (
                 f"`qgraph.evaluation` over {rows['quality']['float32']['source']}, windows of {args.ctx_len} tokens "
                 f"every {args.stride} ({rows['quality']['float32']['scored']} tokens scored)"

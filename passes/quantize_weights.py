@@ -31,8 +31,9 @@ ONNX Runtime 1.32's CPU kernel has no fast path for float zero points (~10x slow
 ``algorithm="hqq"`` quantizes the 4-bit matrices with ONNX Runtime's HQQ (``HQQWeightOnlyQuantizer``: a
 half-quadratic solver refines each block's zero point, a float), so it shares that slow path; an 8-bit LM head stays
 round-to-nearest (ORT's CPU kernel has no 8-bit float zero points). GPTQ-style calibration (ORT's
-``GPTQWeightOnlyQuantConfig``) is not offered: it runs calibration data through the whole model with Intel Neural
-Compressor's code, and the sweep (``benchmarks/quant_sweep.py``) found RTN within the quality bars already.
+``GPTQWeightOnlyQuantConfig``) is not offered: it feeds calibration data through a whole ONNX protobuf model with
+Intel Neural Compressor's code, outside this in-memory pass. What each option costs in perplexity and speed on
+SmolLM2: ``benchmarks/quant_sweep.py`` and the README.
 Likewise ``accuracy_level=0`` (float activations) is exact-er but ~15x slower than the int8-activation path (4).
 
 Contract: graph inputs/outputs unchanged; only ``com.microsoft`` is added to the opset imports. Idempotent (nothing
