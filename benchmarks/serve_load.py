@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks.peers import DEFAULT_PEERS_DIR
-from benchmarks.report import write_results
+from benchmarks.report import RESULTS_DIR, write_results
 from benchmarks.workload import machine_info
 
 SERVED_NAME = "smollm2"
@@ -291,7 +291,8 @@ def make_servers(precision: str, model_dir: Path, gguf: Path | None, args, logs:
                 continue
             command = [
                 str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "--parallel", str(SLOTS),
-                "-c", str(SLOTS * 512), "-t", str(THREADS), "-tb", str(THREADS), "--alias", SERVED_NAME,
+                "-c", str(SLOTS * 512), "-t", str(args.llama_threads), "-tb", str(args.llama_threads),
+                "--alias", SERVED_NAME,
             ]  # fmt: skip
             out[name] = Server(name, command, "/health", log, port=port)
         elif name == "llama-cpp-python":
@@ -301,8 +302,8 @@ def make_servers(precision: str, model_dir: Path, gguf: Path | None, args, logs:
                 continue
             command = [
                 str(python), "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", SERVED_NAME,
-                "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "512", "--n_threads", str(THREADS),
-                "--n_threads_batch", str(THREADS), "--interrupt_requests", "false",
+                "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "512", "--n_threads", str(args.llama_threads),
+                "--n_threads_batch", str(args.llama_threads), "--interrupt_requests", "false",
             ]  # fmt: skip
             out[name] = Server(name, command, "/v1/models", log, port=port)
         else:
@@ -424,7 +425,7 @@ def goals(result: dict) -> list[str]:
         ttft_ok = q["ttft_p95_s"] is not None and p["ttft_p95_s"] is not None and q["ttft_p95_s"] <= p["ttft_p95_s"]
         lines.append(
             f"- vs {peer}: throughput {ratio:.2f}x (goal >= {factor}x: {'met' if ratio >= factor else 'NOT met'}); "
-            f"p95 TTFT {q['ttft_p95_s']:.2f} s vs {p['ttft_p95_s']:.2f} s ({'met' if ttft_ok else 'NOT met'})"
+            f"p95 TTFT {q['ttft_p95_s'] or 0:.2f} s vs {p['ttft_p95_s'] or 0:.2f} s ({'met' if ttft_ok else 'NOT met'})"
         )
     if q:
         lines.append(f"- qgraph failed requests: {q['failed']} ({'met' if q['failed'] == 0 else 'NOT met'})")
@@ -444,7 +445,8 @@ def markdown(data: dict) -> str:
         f"temperature 0; {data['duration_s']:.0f} s of load per measurement, {data['rounds']} interleaved round(s). "
         f"qgraph: {SLOTS} slots, ctx_len {CTX_LEN}, prefill chunk {PREFILL_LEN}, ORT default threads (2); "
         f"llama-server: --parallel {SLOTS} "
-        f"-t {THREADS} -tb {THREADS}; llama-cpp-python: --n_threads {THREADS}, one request at a time. Tokens are "
+        f"-t {data['llama_threads']} -tb {data['llama_threads']}; llama-cpp-python: --n_threads "
+        f"{data['llama_threads']}, one request at a time. Tokens are "
         "counted by re-tokenising each answer with the model's tokenizer; inter-token latency is the gap between "
         "successive streamed chunks.",
         "",
@@ -463,11 +465,12 @@ def markdown(data: dict) -> str:
                 if not s:
                     continue
                 rounds = ", ".join(f"{t:.1f}" for t in s["tok_s_rounds"])
+                ms = lambda x: "–" if x is None else f"{x * 1000:.0f}"  # noqa: E731 - no two chunks: no gap
+                sec = lambda x: "–" if x is None else f"{x:.2f}"  # noqa: E731
                 lines.append(
                     f"| {clients} | {name} | {s['finished']} / {s['cut']} | {s['failed']} | "
-                    f"{s['tok_s']:.1f} ({rounds}) | "
-                    f"{s['ttft_p50_s']:.2f} / {s['ttft_p95_s']:.2f} | "
-                    f"{s['itl_p50_s'] * 1000:.0f} / {s['itl_p95_s'] * 1000:.0f} |"
+                    f"{s['tok_s']:.1f} ({rounds}) | {sec(s['ttft_p50_s'])} / {sec(s['ttft_p95_s'])} | "
+                    f"{ms(s['itl_p50_s'])} / {ms(s['itl_p95_s'])} |"
                 )
         lines += ["", "At 8 clients (the issue's bar):", *goals(result)]
         for name, reason in result["skipped"].items():
@@ -485,6 +488,8 @@ def main() -> None:
     parser.add_argument("--servers", default=",".join(SERVERS))
     parser.add_argument("--peers-dir", type=Path, default=DEFAULT_PEERS_DIR)
     parser.add_argument("--llama-server", type=Path, default=None, help="default: PEERS_DIR/llama.cpp-build/bin/")
+    parser.add_argument("--llama-threads", type=int, default=THREADS, help="threads of both llama.cpp servers")
+    parser.add_argument("--name", default="serve_load", help="results file name under benchmarks/results")
     parser.add_argument("--start-timeout", type=float, default=1800.0, help="seconds (qgraph compiles on first use)")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the servers this started (``finally``) first
@@ -501,6 +506,8 @@ def main() -> None:
         f"python -m benchmarks.serve_load --precisions {args.precisions} --clients "
         f"{','.join(map(str, args.clients))} --duration {args.duration:g} --rounds {args.rounds} "
         f"--servers {args.servers}"
+        + (f" --llama-threads {args.llama_threads}" if args.llama_threads != THREADS else "")
+        + (f" --name {args.name}" if args.name != "serve_load" else "")
     )
     data = {
         "command": command,
@@ -509,6 +516,7 @@ def main() -> None:
         "duration_s": args.duration,
         "rounds": args.rounds,
         "clients": args.clients,
+        "llama_threads": args.llama_threads,
         "settings": {"prompt_lens": PROMPT_LENS, "max_tokens": MAX_TOKENS, "ctx_len": CTX_LEN, "slots": SLOTS,
                      "threads": THREADS, "prefill_len": PREFILL_LEN},  # fmt: skip
     }
@@ -519,7 +527,9 @@ def main() -> None:
         ]
     finally:
         data["load_average_at_end"] = os.getloadavg()[0]
-    write_results("serve_load", data, markdown(data))
+    (RESULTS_DIR / f"{args.name}.json").parent.mkdir(exist_ok=True)
+    (RESULTS_DIR / f"{args.name}.json").write_text(json.dumps(data, indent=2))  # first: a run is never lost
+    write_results(args.name, data, markdown(data))
     shutil.rmtree(logs, ignore_errors=True)
 
 
