@@ -43,7 +43,12 @@ ALLOWED_SESSION_OPTIONS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "enable_mem_pattern": ("true or false", _is_bool),
     "enable_mem_reuse": ("true or false", _is_bool),
     "use_deterministic_compute": ("true or false", _is_bool),
+    # whether idle intra-op threads spin waiting for work (ONNX Runtime's default: true). Two sessions that take turns
+    # on the same cores (a speculative draft model and its target) steal each other's time while they spin.
+    "allow_spinning": ("true or false", _is_bool),
 }
+# options that are session config entries rather than SessionOptions attributes
+CONFIG_ENTRIES = {"allow_spinning": "session.intra_op.allow_spinning"}
 
 
 def check_session_options(settings: Any) -> dict[str, Any]:
@@ -72,7 +77,10 @@ def session_options(settings: dict[str, Any]):
             value = getattr(ort.GraphOptimizationLevel, OPT_LEVELS[value])
         elif key == "execution_mode":
             value = getattr(ort.ExecutionMode, EXECUTION_MODES[value])
-        setattr(options, key, value)
+        if key in CONFIG_ENTRIES:
+            options.add_session_config_entry(CONFIG_ENTRIES[key], "1" if value else "0")
+        else:
+            setattr(options, key, value)
     return options
 
 

@@ -28,6 +28,12 @@ measured to cost memory: the head's original blocks then stay resident beside th
 the block's own min/max, as MatMulNBits's float zero point ``-min / scale`` (ORT's integer zero point has to round
 ``min`` onto the scale grid). On weights that came from a Q4_1 file (SmolLM2 here) it reproduces them exactly, but
 ONNX Runtime 1.32's CPU kernel has no fast path for float zero points (~10x slower decode), so it is off by default.
+``algorithm="hqq"`` quantizes the 4-bit matrices with ONNX Runtime's HQQ (``HQQWeightOnlyQuantizer``: a
+half-quadratic solver refines each block's zero point, a float), so it shares that slow path; an 8-bit LM head stays
+round-to-nearest (ORT's CPU kernel has no 8-bit float zero points). GPTQ-style calibration (ORT's
+``GPTQWeightOnlyQuantConfig``) is not offered: it feeds calibration data through a whole ONNX protobuf model with
+Intel Neural Compressor's code, outside this in-memory pass. What each option costs in perplexity and speed on
+SmolLM2: ``benchmarks/quant_sweep.py`` and the README.
 Likewise ``accuracy_level=0`` (float activations) is exact-er but ~15x slower than the int8-activation path (4).
 
 Contract: graph inputs/outputs unchanged; only ``com.microsoft`` is added to the opset imports. Idempotent (nothing
@@ -45,6 +51,8 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 from qgraph.graph_utils import MS_DOMAIN, add_initializer, derived_name
 from qgraph.pass_manager import CountedResult, GraphPass
 
+ALGORITHMS = ("rtn", "hqq")
+
 
 def _const(value: ir.Value | None) -> np.ndarray | None:
     if value is None or value.const_value is None or not value.is_initializer():
@@ -53,7 +61,7 @@ def _const(value: ir.Value | None) -> np.ndarray | None:
 
 
 def _ort_quantizer():
-    """ONNX Runtime's weight-only quantizer classes, imported without the side effect of their module.
+    """ONNX Runtime's weight-only quantizer module, imported without the side effect of importing it.
 
     ``matmul_nbits_quantizer`` calls ``logging.basicConfig(level=INFO)`` when imported, which would print every INFO
     line of every library (onnx_ir's pass logs, with stacks) for the rest of the user's process; the root logger's
@@ -62,16 +70,13 @@ def _ort_quantizer():
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
     try:
-        from onnxruntime.quantization.matmul_nbits_quantizer import (
-            DefaultWeightOnlyQuantConfig,
-            DefaultWeightOnlyQuantizer,
-        )
+        from onnxruntime.quantization import matmul_nbits_quantizer
     finally:
         for handler in root.handlers[:]:
             if handler not in handlers:
                 root.removeHandler(handler)
         root.setLevel(level)
-    return DefaultWeightOnlyQuantConfig, DefaultWeightOnlyQuantizer
+    return matmul_nbits_quantizer
 
 
 def _reuse_or_add(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
@@ -101,10 +106,19 @@ class QuantizeWeights(GraphPass):
         head_bits: int | None = 8,
         float_zero_points: bool = False,
         embedding_bits: int | None = None,
+        algorithm: str = "rtn",
     ):
         for name, value in (("bits", bits), ("head_bits", head_bits if head_bits is not None else bits)):
             if value not in (4, 8):
                 raise ValueError(f"{name} must be 4 or 8, got {value}")
+        if algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {', '.join(ALGORITHMS)}, got {algorithm!r}")
+        if algorithm == "hqq" and (symmetric or bits != 4):
+            raise ValueError(
+                "algorithm 'hqq' is 4-bit and asymmetric (a float zero point per block; ONNX Runtime's CPU "
+                f"MatMulNBits has no 8-bit form of it), got bits={bits}, symmetric={symmetric}"
+            )
+        self.algorithm = algorithm
         if embedding_bits not in (8, None):
             raise ValueError(f"embedding_bits must be 8 or None (tables stay float32), got {embedding_bits}")
         self.embedding_bits = embedding_bits
@@ -152,11 +166,36 @@ class QuantizeWeights(GraphPass):
     # -- rewriting ----------------------------------------------------------------------------------------------
 
     def _quantize(self, w_kn: np.ndarray, bits: int):
+        if self.algorithm == "hqq" and bits == 4:  # an 8-bit LM head stays round-to-nearest
+            return self._quantize_hqq(w_kn)
         if bits == 4 and self.float_zero_points and not self.symmetric:
             return self._quantize_min_max(w_kn)
-        DefaultWeightOnlyQuantConfig, DefaultWeightOnlyQuantizer = _ort_quantizer()
-        config = DefaultWeightOnlyQuantConfig(block_size=self.block_size, is_symmetric=self.symmetric, bits=bits)
-        return DefaultWeightOnlyQuantizer(config).qbits_block_quant(np.ascontiguousarray(w_kn, dtype=np.float32))
+        return self._quantize_rtn(w_kn, bits)
+
+    def _quantize_rtn(self, w_kn: np.ndarray, bits: int):
+        """ONNX Runtime's round-to-nearest blocks (integer zero points unless symmetric)."""
+        ort_quantizer = _ort_quantizer()
+        config = ort_quantizer.DefaultWeightOnlyQuantConfig(
+            block_size=self.block_size, is_symmetric=self.symmetric, bits=bits
+        )
+        return ort_quantizer.DefaultWeightOnlyQuantizer(config).qbits_block_quant(
+            np.ascontiguousarray(w_kn, dtype=np.float32)
+        )
+
+    def _quantize_hqq(self, w_kn: np.ndarray):
+        """ONNX Runtime's HQQ (``HQQWeightOnlyQuantizer.quantize_internal``: blocks along K per output column, scale
+        and a float zero point refined by its half-quadratic solver), packed as MatMulNBits reads it."""
+        import torch
+
+        ort_quantizer = _ort_quantizer()
+        config = ort_quantizer.HQQWeightOnlyQuantConfig(block_size=self.block_size, bits=4)
+        quantizer = ort_quantizer.HQQWeightOnlyQuantizer(config)
+        weight = torch.from_numpy(np.ascontiguousarray(w_kn.T, dtype=np.float32))
+        with torch.no_grad():
+            q, scales, zero_points = quantizer.quantize_internal(weight, bits=4, group_size=self.block_size)
+        q = q.numpy().astype(np.uint8).reshape(q.shape[0], -1, self.block_size)
+        packed = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+        return packed, scales.numpy().astype(np.float32), zero_points.numpy().astype(np.float32)
 
     def _quantize_min_max(self, w_kn: np.ndarray):
         """4-bit blocks along K per output column: q = round((w - min) / scale), zero point -min / scale (float)."""
@@ -185,7 +224,8 @@ class QuantizeWeights(GraphPass):
     def _quantize_embedding(self, graph: ir.Graph, node: ir.Node, table: np.ndarray) -> int:
         """``Gather(E, ids)`` -> ``GatherBlockQuantized(E_q8, ids, scales, zero_points)``; returns the bytes kept."""
         rows, width = table.shape
-        packed, scales, zero_points = self._quantize(np.ascontiguousarray(table.T), self.embedding_bits)
+        # GatherBlockQuantized reads integer zero points only: round-to-nearest whatever the MatMuls use
+        packed, scales, zero_points = self._quantize_rtn(np.ascontiguousarray(table.T), self.embedding_bits)
         base = node.inputs[0].name or node.name
         data, scales_value, zero_points_value = (
             _reuse_or_add(graph, f"{base}_gather_{suffix}", array)

@@ -331,6 +331,7 @@ class QEFFAutoModelForCausalLM:
         verify: bool = False,
         full_batch_size: int | None = None,
         num_speculative_tokens: int | None = None,
+        quantization: dict[str, Any] | None = None,
         **backend_options: Any,
     ) -> Path:
         """Export (if needed), run the backend's passes and compile; returns the artifact directory.
@@ -340,6 +341,9 @@ class QEFFAutoModelForCausalLM:
         run requests through an engine of N KV slots (``model.engine``). ``num_speculative_tokens=k`` (QEfficient's
         name) lets a run verify ``k`` guessed tokens per row: ``generate(..., prompt_lookup_num_tokens=k)`` or
         ``generate(..., assistant_model=draft)`` then decode speculatively (same greedy tokens, fewer runs).
+        ``quantization`` overrides options of the ``quantize-weights`` pass that ``precision="int8"|"int4"`` runs
+        (``qgraph.pipelines.QUANTIZATION_DEFAULTS``; the README's sweep table shows what each costs), e.g.
+        ``{"head_bits": 4, "symmetric": True, "block_size": 64}``.
         ``verify`` re-hashes every cached file reused instead of trusting unchanged sizes and mtimes. A compile that
         fails leaves the model uncompiled (never holding the previous artifact unannounced).
         """
@@ -363,6 +367,7 @@ class QEFFAutoModelForCausalLM:
             extra=backend_options,
             full_batch_size=full_batch_size,
             num_speculative_tokens=num_speculative_tokens,
+            quantization=quantization,
         )
         explicit = ({"num_cores": num_cores} if num_cores is not None else {}) | backend_options
         ignored = unused_options(target, explicit)

@@ -77,6 +77,8 @@ class CompileOptions:
     full_batch_size: int | None = None  # continuous batching: KV slots decoded together (QEfficient's name)
     # speculative decoding: a verification run feeds k + 1 tokens per row and reads all their logits (QEfficient's name)
     num_speculative_tokens: int | None = None
+    # options of the quantize-weights pass overriding the int8 / int4 defaults (qgraph.pipelines)
+    quantization: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         from qgraph.errors import QGraphError
@@ -97,6 +99,11 @@ class CompileOptions:
             raise QGraphError(f"precision must be a string such as 'float32', got {self.precision!r}")
         if self.prefill_seq_len > self.ctx_len:
             raise QGraphError(f"prefill_seq_len {self.prefill_seq_len} is larger than ctx_len {self.ctx_len}")
+        if self.quantization is not None and not isinstance(self.quantization, Mapping):
+            raise QGraphError(
+                f"quantization must be a dict of quantize-weights options, e.g. {{'head_bits': 8}}, "
+                f"got {self.quantization!r}"
+            )
 
     def key(self) -> dict[str, Any]:
         key = {
@@ -111,6 +118,8 @@ class CompileOptions:
             key["full_batch_size"] = self.full_batch_size
         if self.num_speculative_tokens is not None:
             key["num_speculative_tokens"] = self.num_speculative_tokens
+        if self.quantization:  # likewise
+            key["quantization"] = {k: self.quantization[k] for k in sorted(self.quantization)}
         return key
 
     @property

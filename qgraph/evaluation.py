@@ -40,6 +40,7 @@ from qgraph.perplexity import (
 )
 from qgraph.pipeline_spec import PassSpec, parse_pipeline
 from qgraph.progress import ProgressBar, note
+from qgraph.prompts import prompt_token_ids
 from qgraph.validation import check_token_ids
 
 if TYPE_CHECKING:
@@ -187,8 +188,9 @@ def evaluate(
 
     ``text`` is a string, an ``EvalText`` (text and source), or None for the licence texts of
     ``qgraph.eval_text.common_licenses_text``. ``tokenizer`` defaults to the checkpoint's. ``precision``, ``backend``
-    and ``compile_options`` (``compile``'s backend options, ``passes`` included) default to the model's last compile,
-    else float32 on ``ort``; the model's own artifact is left as it was. Windows: see ``qgraph.perplexity``.
+    and ``compile_options`` (``compile``'s backend options, ``passes`` and ``quantization`` included) default to the
+    model's last compile, else float32 on ``ort``; the model's own artifact is left as it was. Windows: see
+    ``qgraph.perplexity``.
     """
     check_windows(ctx_len, stride)
     unknown = [r for r in references if r not in REFERENCES]
@@ -202,6 +204,8 @@ def evaluate(
         backend = model.artifact.backend.name if model.artifact is not None else "ort"
     if compile_options is None:
         compile_options = dict(compiled.extra) if compiled else {}
+        if compiled and compiled.quantization:
+            compile_options["quantization"] = dict(compiled.quantization)
     tokens = text_tokens(model, text, tokenizer, ctx_len, stride)
     result = EvalResult(
         model=str(model.checkpoint_directory or model.architecture),
@@ -254,7 +258,7 @@ def text_tokens(
         text = EvalText(text, "text given")
     text = text if text is not None else common_licenses_text()
     tokenizer = tokenizer if tokenizer is not None else _checkpoint_tokenizer(model)
-    ids = np.asarray(tokenizer(text.text)["input_ids"], dtype=np.int64).reshape(-1)
+    ids = np.asarray(prompt_token_ids(tokenizer, text.text)[1][0], dtype=np.int64).reshape(-1)
     check_token_ids([ids], model.vocab_size)
     return TextTokens(ids, strided_windows(int(ids.size), ctx_len, stride), text.source, ctx_len, stride)
 
@@ -288,8 +292,16 @@ def evaluation_pipeline(
 
     extra = dict(compile_options or {})
     passes = extra.pop("passes", None)
+    quantization = extra.pop("quantization", None)
     target = get_backend(backend)
-    options = CompileOptions(prefill_seq_len=ctx_len, ctx_len=ctx_len, batch_size=1, precision=precision, extra=extra)
+    options = CompileOptions(
+        prefill_seq_len=ctx_len,
+        ctx_len=ctx_len,
+        batch_size=1,
+        precision=precision,
+        extra=extra,
+        quantization=quantization,
+    )
     check_backend_options = getattr(target, "check_options", None)
     if check_backend_options is not None:
         check_backend_options(options)

@@ -10,6 +10,12 @@ from qgraph.pipeline_spec import PassSpec
 from qgraph.registry import Registry, pass_registry
 
 QUANTIZED_BITS = {"int8": 8, "int4": 4}  # weight-only precisions -> quantize-weights bits
+# quantize-weights options of compile(precision=...), chosen by measurement (benchmarks/quant_sweep.py, README);
+# compile(quantization={...}) overrides any of them
+QUANTIZATION_DEFAULTS: dict[str, dict[str, Any]] = {
+    "int8": {"bits": 8, "block_size": 32, "symmetric": False, "accuracy_level": 4, "head_bits": 8},
+    "int4": {"bits": 4, "block_size": 32, "symmetric": False, "accuracy_level": 4, "head_bits": 8},
+}
 
 if TYPE_CHECKING:
     from qgraph.backend_api import Capabilities, CompileOptions
@@ -42,7 +48,8 @@ def standard_pipeline(
       on retained-state targets;
     - ``last-token-logits`` on retained-state targets: prefill projects only each row's last token on the vocabulary
       (with ``num_speculative_tokens=k``, the last ``k + 1``: a verification run reads them all);
-    - ``quantize-weights`` for ``precision`` ``"int8"`` / ``"int4"`` (weight-only, ``MatMulNBits``);
+    - ``quantize-weights`` for ``precision`` ``"int8"`` / ``"int4"`` (weight-only, ``MatMulNBits``) with the
+      options of ``quantization_options``;
     - ``fp16-clip`` where the target computes in float16: asked for (``precision="float16"``), or a target without
       float32 (its compiler converts a float32 graph itself, e.g. Cloud AI 100's ``-convert-to-fp16``);
     - ``fp16-convert`` where float16 is asked for and the target runs the graph's own types (it accepts float32 too,
@@ -85,7 +92,12 @@ def standard_pipeline(
         width = options.verification_width
         specs.append(PassSpec("last-token-logits", {"positions": width} if width > 1 else {}))
     if options.precision in QUANTIZED_BITS:
-        specs.append(PassSpec("quantize-weights", {"bits": QUANTIZED_BITS[options.precision]}))
+        specs.append(PassSpec("quantize-weights", quantization_options(options, registry)))
+    elif options.quantization:
+        raise QGraphError(
+            f"quantization options apply to precision 'int8' or 'int4' only, not {options.precision!r}: drop them or "
+            "compile with one of those precisions"
+        )
     float16 = options.precision == "float16"
     if float16 or "float32" not in capabilities.dtypes:
         specs.append(PassSpec("fp16-clip"))
@@ -93,3 +105,20 @@ def standard_pipeline(
         specs.append(PassSpec("fp16-convert"))
     specs.append(PassSpec("cleanup"))
     return specs
+
+
+def quantization_options(options: CompileOptions, registry: Registry | None = None) -> dict[str, Any]:
+    """The quantize-weights options of ``options.precision``: its measured defaults (``QUANTIZATION_DEFAULTS``)
+    updated by ``options.quantization``; an unknown option or a bad value fails here, before any export."""
+    chosen = dict(QUANTIZATION_DEFAULTS[options.precision]) | dict(options.quantization or {})
+    if chosen["bits"] != QUANTIZED_BITS[options.precision]:
+        raise QGraphError(
+            f"quantization bits={chosen['bits']!r} contradicts precision {options.precision!r}: drop 'bits' (the "
+            "precision sets it) or choose the other precision"
+        )
+    cls = (registry or pass_registry()).get("quantize-weights")
+    try:
+        cls(**chosen)
+    except (TypeError, ValueError) as exc:
+        raise QGraphError(f"quantization options {dict(options.quantization or {})} are not valid: {exc}") from exc
+    return chosen

@@ -46,7 +46,7 @@ class Proposer(Protocol):
         """A new set of ``rows`` rows (a static group or the engine's slots); forget every row's state."""
 
     def admit(self, row: int, request: Request) -> None:
-        """``request`` starts in ``row`` (its prompt is prefilled, its first token chosen)."""
+        """``request`` starts in ``row``: its prompt is prefilled (its first token may not be chosen yet)."""
 
     def propose(self, requests: Sequence[Request | None], limits: Sequence[int]) -> list[Proposal]:
         """Up to ``limits[i]`` tokens to follow ``requests[i].context`` (None or limit 0: propose nothing)."""
@@ -145,15 +145,20 @@ class DraftModel:
     guesses. Guesses the target rejects need no rollback: their slots lie past the row's next position and the next
     catch-up run overwrites them. A live row that sits out a run as padding may have its slots from the run's largest
     start on overwritten (``group-query-attention`` writes padding rows there): it is fed again from that position.
+
+    A row's guesses end after the first one the draft gives a probability below ``confidence_threshold``
+    (transformers' ``assistant_confidence_threshold``, 0.4 by default): a guess the draft itself doubts is likely
+    rejected, and drafting past it costs draft runs and verification width for nothing.
     """
 
-    def __init__(self, model: Any, num_tokens: int, session: Any = None):
+    def __init__(self, model: Any, num_tokens: int, session: Any = None, confidence_threshold: float = 0.4):
         if getattr(model, "artifact", None) is None:
             raise QGraphError(
                 "assistant_model is not compiled: call assistant_model.compile(...) before using it as a draft"
             )
         self.model = model
         self.num_tokens = num_tokens
+        self.confidence_threshold = confidence_threshold
         self.session = session if session is not None else model._loaded_session()  # or a session of its own
         if not hasattr(self.session, "run_row"):
             raise QGraphError(
@@ -224,14 +229,17 @@ class DraftModel:
         last = self._run(ids, pos, active)
         guesses: list[list[int]] = [[] for _ in range(rows)]
         dists: list[list[np.ndarray]] = [[] for _ in range(rows)]
+        keep = list(wanted)  # guesses kept per row: cut after the first one the draft is not confident of
         for step in range(count):
             for i in range(rows):
                 if active[i]:
-                    token, dist = self._choose(requests[i], states[i], last[i], contexts[i] + guesses[i])
+                    token, dist, confidence = self._choose(requests[i], states[i], last[i], contexts[i] + guesses[i])
                     guesses[i].append(token)
                     if dist is not None:
                         dists[i].append(dist)
-            if step == count - 1:
+                    if confidence < self.confidence_threshold:
+                        keep[i] = min(keep[i], step + 1)
+            if step == count - 1 or all(keep[i] <= step + 1 for i in range(rows) if active[i]):
                 break
             ids = np.zeros((rows, 1), dtype=np.int64)
             pos = np.full((rows, 1), PAD_POSITION, dtype=np.int64)
@@ -245,7 +253,7 @@ class DraftModel:
                 proposals.append(Proposal())
                 continue
             states[i].fed_context = len(contexts[i])
-            n = wanted[i]
+            n = keep[i]
             proposals.append(Proposal(guesses[i][:n], np.stack(dists[i][:n]) if dists[i] else None))
         return proposals
 
@@ -270,11 +278,14 @@ class DraftModel:
     @staticmethod
     def _choose(
         request: Request, state: _DraftRow, logits: np.ndarray, previous: list[int]
-    ) -> tuple[int, np.ndarray | None]:
-        """The draft's guess: greedy on the request's penalised logits, or a draw from its warped distribution."""
+    ) -> tuple[int, np.ndarray | None, float]:
+        """The draft's guess: greedy on the request's penalised logits, or a draw from its warped distribution; and
+        the draft's probability of it."""
         options = request.options.sampling
         scores = apply_repetition_penalty(logits, previous, options.repetition_penalty)
         if not options.do_sample:
-            return int(np.argmax(scores)), None
+            token = int(np.argmax(scores))
+            return token, None, float(1.0 / np.exp(scores.astype(np.float64) - scores[token]).sum())
         probs = sampling_probabilities(scores, options)
-        return int(state.rng.choice(probs.size, p=probs)), probs
+        token = int(state.rng.choice(probs.size, p=probs))
+        return token, probs, float(probs[token])

@@ -79,6 +79,11 @@ def _group_steps(
     for r in group:
         r.times.admitted = t0
     last = prefill_rows(session, rows, pad_token_id)
+    # the proposer takes the prompts in before the first token: a draft model's prefill is prompt processing (TTFT),
+    # not decode time
+    proposer.reset(len(rows))
+    for i, r in enumerate(group):
+        proposer.admit(i, r)
     taken = [(r, r.accept(last[i])) for i, r in enumerate(group)]
     t1 = time.perf_counter()
     timer.prefill_s += t1 - t0
@@ -86,10 +91,6 @@ def _group_steps(
         timer.first_token = t1
     try:
         yield taken
-        proposer.reset(len(rows))
-        for i, r in enumerate(group):
-            if not r.done:
-                proposer.admit(i, r)
         while True:
             live = [r if r is not None and not r.done else None for r in rows_of(group, len(rows))]
             if not any(r is not None for r in live):
@@ -138,7 +139,7 @@ def verify_step(
     width = run_width(session, max(ks))
     limits = guess_limits(live, ks, width, session.ctx_len)
     proposals = proposer.propose(live, limits) if any(limits) else [Proposal() for _ in live]
-    guesses = [p.tokens[:limit] for p, limit in zip(proposals, limits, strict=True)]
+    guesses = [_in_vocabulary(p.tokens[:limit], session) for p, limit in zip(proposals, limits, strict=True)]
     width = width if any(guesses) else 1  # trailing padding columns cost nothing on ORT: it drops them
     ids = np.full((len(live), width), pad_token_id, dtype=np.int64)
     pos = np.full((len(live), width), PAD_POSITION, dtype=np.int64)
@@ -260,6 +261,17 @@ def take_verified(
         tokens.append(request.take(token))
         if request.done:
             break
+    return tokens
+
+
+def _in_vocabulary(tokens: list[int], session: DecoderSession) -> list[int]:
+    """The guesses up to the first the target cannot embed (a draft's vocabulary may be padded larger)."""
+    vocab = getattr(session, "vocab_size", None)
+    if vocab is None:
+        return tokens
+    for n, token in enumerate(tokens):
+        if not 0 <= token < vocab:
+            return tokens[:n]
     return tokens
 
 

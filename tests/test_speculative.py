@@ -9,6 +9,7 @@ Mistral's sliding window (12) is shorter than prompt + new tokens.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -269,7 +270,7 @@ def test_prompt_lookup_backs_off_after_misses():
 
 
 def test_draft_probabilities_are_returned_when_sampling(compiled, int4_draft, tokenizer):
-    draft = DraftModel(int4_draft, 3)
+    draft = DraftModel(int4_draft, 3, confidence_threshold=0.0)  # every guess, however unsure
     draft.reset(1)
     options = GenerationOptions(max_new_tokens=8)
     sampling = GenerationOptions(
@@ -286,6 +287,21 @@ def test_draft_probabilities_are_returned_when_sampling(compiled, int4_draft, to
             assert proposal.probs.shape == (3, VOCAB_SIZE)
             np.testing.assert_allclose(proposal.probs.sum(axis=1), 1.0, rtol=1e-6)
             assert all(proposal.probs[j, t] > 0 for j, t in enumerate(proposal.tokens))
+
+
+def test_the_draft_stops_after_a_guess_it_is_not_confident_of(compiled, int4_draft, tokenizer):
+    """transformers' assistant_confidence_threshold: the guesses end with the first one whose draft probability is
+    below the threshold (a tiny random model is never sure: threshold 1 keeps one guess, 0 keeps all)."""
+    request = Request(tokenizer(PROMPTS[1])["input_ids"], GenerationOptions(max_new_tokens=8), CTX)
+    request.take(5)
+    proposals = {}
+    for threshold in (0.0, 1.0):
+        draft = DraftModel(int4_draft, 3, confidence_threshold=threshold)
+        draft.reset(1)
+        draft.admit(0, request)
+        [proposals[threshold]] = draft.propose([request], [3])
+    assert len(proposals[0.0].tokens) == 3
+    assert proposals[1.0].tokens == proposals[0.0].tokens[:1]
 
 
 def test_without_speculation_nothing_changes(compiled, tokenizer):
@@ -478,3 +494,58 @@ def test_server_takes_prompt_lookup_num_tokens_and_a_draft_model(engine_model, t
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+def test_ort_allow_spinning_is_a_session_option():
+    """Sessions that take turns on the same cores (a draft and its target) may turn spinning off."""
+    from qgraph.backends.ort_options import session_options
+
+    assert session_options({"allow_spinning": False}).get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    with pytest.raises(QGraphError, match="allow_spinning.*true or false"):
+        session_options({"allow_spinning": "no"})
+
+
+# -- SmolLM2 (real weights, slow) -------------------------------------------------------------------------------
+
+SMOLLM2 = Path("~/.cache/qgraph/weights/smollm2-135m-instruct-hf").expanduser()
+CODE = "def area(width, height):\n    return width * height\n\n\nprint(area(3, 4))\nprint(area(5, 6))\n"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SMOLLM2.is_dir(), reason="SmolLM2 weights not converted here (bash scripts/demo.sh does it)")
+def test_smollm2_prompt_lookup_and_int4_self_draft_give_float32_greedy():
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(SMOLLM2)
+    target = QEFFAutoModelForCausalLM.from_pretrained(str(SMOLLM2), verbose=False)
+    target.compile(prefill_seq_len=32, ctx_len=256, batch_size=3, num_speculative_tokens=K_MAX)
+    draft = QEFFAutoModelForCausalLM.from_pretrained(str(SMOLLM2), verbose=False)
+    draft.compile(prefill_seq_len=32, ctx_len=256, precision="int4")
+    conversations = [
+        [{"role": "user", "content": f"Rename area to rectangle_area in this code:\n{CODE}"}],
+        [{"role": "user", "content": "What is the capital of France?"}],
+        [{"role": "user", "content": f"Repeat this code exactly:\n{CODE}"}],
+    ]
+    plain = target.generate(tokenizer, messages=conversations, max_new_tokens=32, verbose=False).generated_ids
+    for k in (1, 3, 5, 8):
+        for speculation in ({"prompt_lookup_num_tokens": k}, {"assistant_model": draft, "num_assistant_tokens": k}):
+            result = target.generate(tokenizer, messages=conversations, max_new_tokens=32, verbose=False, **speculation)
+            assert result.generated_ids == plain, (k, list(speculation))
+            assert result.stats.accepted_tokens > 0
+    alone = target.generate(tokenizer, messages=conversations[:1], max_new_tokens=32, verbose=False, **speculation)
+    assert alone.generated_ids == plain[:1]
+
+
+def test_guesses_the_target_cannot_embed_are_dropped(compiled, tokenizer):
+    """A draft with a larger (padded) vocabulary may guess ids the target has no row for: the guesses end there."""
+
+    class OutOfRange(Oracle):
+        def propose(self, requests, limits):
+            proposals = super().propose(requests, limits)
+            for p in proposals:
+                if len(p.tokens) > 1:
+                    p.tokens[1] = VOCAB_SIZE + 7
+            return proposals
+
+    tokens, timer = speculative(compiled.model, tokenizer, OutOfRange(compiled.plain), K_MAX, 3)
+    assert tokens == compiled.plain and timer.accepted > 0

@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from qgraph import QEFFAutoModelForCausalLM
 from qgraph.errors import QGraphError
+from qgraph.pipelines import QUANTIZATION_DEFAULTS
 from tests.parity import MY_NAME, hf_greedy
 
 NEW_TOKENS = 12
@@ -46,6 +47,48 @@ def test_weight_only_precision_replaces_every_weight_matmul_and_stays_close_to_f
         reference = hf(torch.tensor([ids])).logits[0, -1].numpy()
     error = np.abs(_prompt_logits(qg, ids) - reference).max() / np.ptp(reference)
     assert error < TOLERANCE[precision], f"{precision}: logit error {error:.3f} of the logits' spread"
+
+
+def _matmul_nbits(graph) -> tuple[dict[str, int], onnx.NodeProto, dict]:
+    """Every MatMulNBits's attributes by name, the LM head's node (the MatMulNBits ``logits`` is computed from), and
+    the graph's initializers."""
+    producers = {o: n for n in graph.node for o in n.output}
+    head = producers[graph.output[0].name]
+    while head.op_type != "MatMulNBits":
+        head = producers[head.input[0]]
+    nodes = {n.name: {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in graph.node}
+    initializers = {i.name: i for i in graph.initializer}
+    return {k: v for k, v in nodes.items() if "bits" in v and "K" in v}, head, initializers
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_the_default_graph_is_the_measured_choice(llama, precision):
+    """compile(precision=...) writes QUANTIZATION_DEFAULTS (the sweep's choice, README): the body's bits, block size,
+    accuracy level and zero points, and the LM head's own bits."""
+    _, qg = llama
+    chosen = QUANTIZATION_DEFAULTS[precision]
+    qg.compile(prefill_seq_len=8, ctx_len=64, precision=precision)
+    graph = onnx.load(str(qg.onnx_path), load_external_data=False).graph
+    nbits, head, initializers = _matmul_nbits(graph)
+    body = {name: attrs for name, attrs in nbits.items() if name != head.name}
+    assert body and {a["bits"] for a in body.values()} == {chosen["bits"]}
+    assert {a["block_size"] for a in nbits.values()} == {chosen["block_size"]}
+    assert {a.get("accuracy_level", 0) for a in nbits.values()} == {chosen["accuracy_level"]}
+    assert nbits[head.name]["bits"] == chosen["head_bits"]
+    has_zero_points = {len(n.input) > 3 and n.input[3] != "" for n in graph.node if n.name in nbits}
+    assert has_zero_points == {not chosen["symmetric"]}
+    if not chosen["symmetric"]:
+        assert initializers[head.input[3]].data_type == onnx.TensorProto.UINT8  # integer zero points: the fast path
+
+
+def test_quantization_options_reach_the_graph(llama):
+    """The other configurations stay reachable: compile(quantization=...) overrides a default."""
+    _, qg = llama
+    head_bits = 12 - QUANTIZATION_DEFAULTS["int4"]["head_bits"]  # the other of 4 and 8
+    qg.compile(prefill_seq_len=8, ctx_len=64, precision="int4", quantization={"head_bits": head_bits})
+    nbits, head, _ = _matmul_nbits(onnx.load(str(qg.onnx_path), load_external_data=False).graph)
+    assert nbits[head.name]["bits"] == head_bits
+    assert {a["bits"] for name, a in nbits.items() if name != head.name} == {4}
 
 
 def test_int8_keeps_the_greedy_tokens_of_the_float_model(llama, tokenizer):

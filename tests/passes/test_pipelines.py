@@ -9,7 +9,7 @@ import pytest
 from qgraph.backend_api import Capabilities, CompileOptions, Kernel
 from qgraph.backends.ai100_rmsnorm import CUSTOM_RMSNORM
 from qgraph.errors import QGraphError
-from qgraph.pipelines import standard_pipeline
+from qgraph.pipelines import QUANTIZATION_DEFAULTS, standard_pipeline
 
 FLOATS = frozenset({"float32", "float16"})
 ORT_KERNELS = frozenset(
@@ -58,8 +58,29 @@ def test_ort_like_target_gets_its_fused_kernels_and_the_speed_rewrites():
 @pytest.mark.parametrize(("precision", "bits"), [("int8", 8), ("int4", 4)])
 def test_a_weight_only_precision_quantizes_after_the_matmuls_are_merged(precision, bits):
     names = _names(ORT_LIKE, precision=precision)
-    assert names[-2:] == [("quantize-weights", {"bits": bits}), ("cleanup", {})]
-    assert names.index(("merge-parallel-matmuls", {})) < names.index(("quantize-weights", {"bits": bits}))
+    quantize = ("quantize-weights", QUANTIZATION_DEFAULTS[precision])
+    assert QUANTIZATION_DEFAULTS[precision]["bits"] == bits
+    assert names[-2:] == [quantize, ("cleanup", {})]
+    assert names.index(("merge-parallel-matmuls", {})) < names.index(quantize)
+
+
+def test_quantization_options_override_the_precisions_defaults():
+    names = dict(_names(ORT_LIKE, precision="int4", quantization={"head_bits": 4, "block_size": 64}))
+    assert names["quantize-weights"] == QUANTIZATION_DEFAULTS["int4"] | {"head_bits": 4, "block_size": 64}
+
+
+@pytest.mark.parametrize(
+    ("precision", "quantization", "message"),
+    [
+        ("float32", {"head_bits": 4}, r"apply to precision 'int8' or 'int4' only, not 'float32'"),
+        ("int4", {"bits": 8}, r"bits=8 contradicts precision 'int4'"),
+        ("int4", {"head_bits": 3}, r"not valid: head_bits must be 4 or 8, got 3"),
+        ("int8", {"colour": "blue"}, r"not valid: .*colour"),
+    ],
+)
+def test_bad_quantization_options_are_refused_naming_the_fix(precision, quantization, message):
+    with pytest.raises(QGraphError, match=message):
+        _names(ORT_LIKE, precision=precision, quantization=quantization)
 
 
 def test_a_precision_the_target_does_not_declare_is_refused_with_the_ones_it_accepts():

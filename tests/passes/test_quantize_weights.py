@@ -131,6 +131,34 @@ def test_bad_options_are_refused():
         QuantizeWeights(bits=3)
     with pytest.raises(ValueError, match="block_size"):
         QuantizeWeights(block_size=24)
+    with pytest.raises(ValueError, match="algorithm must be one of rtn, hqq, got 'gptq'"):
+        QuantizeWeights(algorithm="gptq")
+    with pytest.raises(ValueError, match="'hqq' is 4-bit and asymmetric"):
+        QuantizeWeights(algorithm="hqq", symmetric=True)
+    with pytest.raises(ValueError, match="'hqq' is 4-bit and asymmetric"):
+        QuantizeWeights(algorithm="hqq", bits=8)
+
+
+def test_hqq_blocks_compute_the_product_at_least_as_closely_as_round_to_nearest(tmp_path):
+    """HQQ refines each block's zero point (a float) to shrink the weight error: on Gaussian weights its product
+    is within the round-to-nearest tolerance and not worse than ORT's asymmetric RTN by more than 5%."""
+    rng = np.random.default_rng(1)
+    w = rng.normal(0, 0.02, (256, 96)).astype(np.float32)
+    x = rng.normal(0, 1, (4, 256)).astype(np.float32)
+    reference = x @ w
+    errors = {}
+    for algorithm in ("rtn", "hqq"):
+        model = _single_op_model("matmul", w, np.zeros(96, np.float32))
+        QuantizeWeights(bits=4, accuracy_level=0, min_elements=0, algorithm=algorithm)(model)
+        [node] = model.graph
+        assert node.op_type == "MatMulNBits" and node.attributes["bits"].value == 4
+        zero_points = node.inputs[3].const_value.numpy()
+        assert zero_points.dtype == (np.float32 if algorithm == "hqq" else np.uint8)
+        ir.save(model, tmp_path / f"{algorithm}.onnx")
+        y = ort.InferenceSession(str(tmp_path / f"{algorithm}.onnx")).run(None, {"x": x})[0]
+        errors[algorithm] = np.sqrt(((y - reference) ** 2).mean() / (reference**2).mean())
+    assert errors["hqq"] < 0.12
+    assert errors["hqq"] <= 1.05 * errors["rtn"], errors
 
 
 def test_int8_pipeline_generates_through_the_ort_backend(tiny_model_dir, cache_dir, tokenizer, tmp_path):
