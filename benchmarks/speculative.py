@@ -123,6 +123,8 @@ def qgraph_models(model_dir: Path, ctx_len: int, k: int, want: set[str], threads
         model = QEFFAutoModelForCausalLM.from_pretrained(str(model_dir), verbose=False)
         try:
             session_options = {"intra_op_num_threads": threads}
+            if threads > 1 and role != "plain":  # a draft and its target take turns: idle threads must not spin
+                session_options["allow_spinning"] = False
             model.compile(prefill_seq_len=PREFILL, ctx_len=ctx_len, session_options=session_options, **options)
         except TypeError as exc:  # an option this qgraph does not know
             notes.append(f"{role}: compile({options}) failed: {exc}")
@@ -356,6 +358,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--variants", default="qgraph,qgraph-lookup,qgraph-int4-draft,llamacpp,llamacpp-lookup", help="subset to run"
     )
+    parser.add_argument(
+        "--open-variants", default="qgraph,qgraph-lookup,qgraph-int4-draft,llamacpp,llamacpp-lookup", help="on open"
+    )
     parser.add_argument("--prompts", type=int, default=None, help="only the first N prompts of each set")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=128)
@@ -373,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default="speculative", help="output file stem in benchmarks/results")
     args = parser.parse_args(argv)
     lookup_tokens = args.lookup_tokens or args.k
-    want = set(args.variants.split(","))
+    want = set(args.variants.split(",")) | set(args.open_variants.split(","))
     command = "python -m benchmarks.speculative " + " ".join(argv if argv is not None else sys.argv[1:])
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -438,7 +443,8 @@ def main(argv: list[str] | None = None) -> int:
     cost, plain_cost = {}, None
     try:
         for set_name in chosen:
-            chosen_variants = [Variant(v.name, v.run, v.baseline) for v in variants.values()]
+            names = set((args.open_variants if set_name == "open" else args.variants).split(","))
+            chosen_variants = [Variant(v.name, v.run, v.baseline) for v in variants.values() if v.name in names]
             prompts = list(zip(ids[set_name], conversations[set_name], strict=True))
             run_set(chosen_variants, prompts, args.repeats, set_name)
             summary = summarize(chosen_variants)

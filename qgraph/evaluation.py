@@ -40,6 +40,7 @@ from qgraph.perplexity import (
 )
 from qgraph.pipeline_spec import PassSpec, parse_pipeline
 from qgraph.progress import ProgressBar, note
+from qgraph.prompts import prompt_token_ids
 from qgraph.validation import check_token_ids
 
 if TYPE_CHECKING:
@@ -257,7 +258,7 @@ def text_tokens(
         text = EvalText(text, "text given")
     text = text if text is not None else common_licenses_text()
     tokenizer = tokenizer if tokenizer is not None else _checkpoint_tokenizer(model)
-    ids = np.asarray(tokenizer(text.text)["input_ids"], dtype=np.int64).reshape(-1)
+    ids = np.asarray(prompt_token_ids(tokenizer, text.text)[1][0], dtype=np.int64).reshape(-1)
     check_token_ids([ids], model.vocab_size)
     return TextTokens(ids, strided_windows(int(ids.size), ctx_len, stride), text.source, ctx_len, stride)
 

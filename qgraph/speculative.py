@@ -139,7 +139,7 @@ def verify_step(
     width = run_width(session, max(ks))
     limits = guess_limits(live, ks, width, session.ctx_len)
     proposals = proposer.propose(live, limits) if any(limits) else [Proposal() for _ in live]
-    guesses = [p.tokens[:limit] for p, limit in zip(proposals, limits, strict=True)]
+    guesses = [_in_vocabulary(p.tokens[:limit], session) for p, limit in zip(proposals, limits, strict=True)]
     width = width if any(guesses) else 1  # trailing padding columns cost nothing on ORT: it drops them
     ids = np.full((len(live), width), pad_token_id, dtype=np.int64)
     pos = np.full((len(live), width), PAD_POSITION, dtype=np.int64)
@@ -261,6 +261,17 @@ def take_verified(
         tokens.append(request.take(token))
         if request.done:
             break
+    return tokens
+
+
+def _in_vocabulary(tokens: list[int], session: DecoderSession) -> list[int]:
+    """The guesses up to the first the target cannot embed (a draft's vocabulary may be padded larger)."""
+    vocab = getattr(session, "vocab_size", None)
+    if vocab is None:
+        return tokens
+    for n, token in enumerate(tokens):
+        if not 0 <= token < vocab:
+            return tokens[:n]
     return tokens
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import random
 
@@ -15,6 +16,7 @@ from qgraph.errors import QGraphError
 from qgraph.eval_text import common_licenses_text, file_text
 from qgraph.evaluation import FLOAT32, HF, compile_for_evaluation, evaluate
 from qgraph.perplexity import strided_windows
+from qgraph.progress import ProgressBar
 from tests.tiny_models import WORDS
 
 CTX_LEN, STRIDE = 48, 20  # overlapping windows, a last one shorter than ctx_len
@@ -114,7 +116,9 @@ def test_cli_eval_prints_the_perplexity_table_and_writes_json(tiny_model_dir, to
     argv += ["--text", str(tmp_path / "text.txt"), "--ctx-len", str(CTX_LEN), "--stride", str(STRIDE)]
     argv += ["--references", "hf"]
     assert main([*argv, "--cache-dir", str(cache_dir), "--json", str(tmp_path / "eval.json")]) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
+    assert "scoring qgraph float32 (ort) 5/5 [########################]" in captured.err  # the progress bar's end
     report = json.loads((tmp_path / "eval.json").read_text())
     line = next(x for x in out.splitlines() if "perplexity" in x and "windows" in x)
     assert f"ctx_len {CTX_LEN} every {STRIDE} tokens" in line and "119 scored of 120" in line
@@ -136,6 +140,15 @@ def test_cli_eval_refuses_bad_input_with_one_error_line(tmp_path, capsys, args, 
     assert main(["eval", "--model", str(tmp_path / "no-model"), *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+def test_progress_bar_prints_a_line_per_tenth_when_not_a_terminal():
+    stream = io.StringIO()
+    bar = ProgressBar("scoring x", 89, stream=stream)
+    for _ in range(89):
+        bar.advance()
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 11 and lines[0].startswith("qgraph: scoring x 1/89 [") and "89/89 [" + "#" * 24 in lines[-1]
 
 
 def test_text_sources_say_what_is_missing(tmp_path):

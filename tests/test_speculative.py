@@ -534,3 +534,18 @@ def test_smollm2_prompt_lookup_and_int4_self_draft_give_float32_greedy():
             assert result.stats.accepted_tokens > 0
     alone = target.generate(tokenizer, messages=conversations[:1], max_new_tokens=32, verbose=False, **speculation)
     assert alone.generated_ids == plain[:1]
+
+
+def test_guesses_the_target_cannot_embed_are_dropped(compiled, tokenizer):
+    """A draft with a larger (padded) vocabulary may guess ids the target has no row for: the guesses end there."""
+
+    class OutOfRange(Oracle):
+        def propose(self, requests, limits):
+            proposals = super().propose(requests, limits)
+            for p in proposals:
+                if len(p.tokens) > 1:
+                    p.tokens[1] = VOCAB_SIZE + 7
+            return proposals
+
+    tokens, timer = speculative(compiled.model, tokenizer, OutOfRange(compiled.plain), K_MAX, 3)
+    assert tokens == compiled.plain and timer.accepted > 0
