@@ -130,20 +130,38 @@ def static_batch_steps(
         )
 
 
-def _group_steps(
-    session: DecoderSession, group: list[Request], batch_size: int, pad_token_id: int, timer: StepTimer
-) -> Iterator[list[tuple[Request, int]]]:
+def prefill_group(
+    session: DecoderSession,
+    group: list[Request],
+    batch_size: int,
+    pad_token_id: int,
+    timer: StepTimer,
+    before_first_token: Callable[[int], None] | None = None,
+) -> tuple[list[list[int]], list[tuple[Request, int]], float]:
+    """Prefill a static group (short groups filled with all-padding dummy rows) and choose each request's first token.
+
+    ``before_first_token(rows)`` runs after the prefill and before the first tokens are chosen (still prompt time, in
+    TTFT). Returns the rows, the ``(request, first token)`` pairs and the time the first tokens were ready."""
     rows = [r.prompt_ids for r in group] + [[] for _ in range(batch_size - len(group))]  # dummy rows: all padding
     session.reset(len(rows))
     t0 = time.perf_counter()
     for r in group:
         r.times.admitted = t0
     last = prefill_rows(session, rows, pad_token_id)
+    if before_first_token is not None:
+        before_first_token(len(rows))
     taken = [(r, r.accept(last[i])) for i, r in enumerate(group)]
     t1 = time.perf_counter()
     timer.prefill_s += t1 - t0
     if timer.first_token is None:
         timer.first_token = t1
+    return rows, taken, t1
+
+
+def _group_steps(
+    session: DecoderSession, group: list[Request], batch_size: int, pad_token_id: int, timer: StepTimer
+) -> Iterator[list[tuple[Request, int]]]:
+    rows, taken, t1 = prefill_group(session, group, batch_size, pad_token_id, timer)
     try:
         yield taken
         tokens = np.full(len(rows), pad_token_id, dtype=np.int64)

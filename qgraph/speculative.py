@@ -28,7 +28,7 @@ from qgraph.backend_api import DecoderSession
 from qgraph.errors import QGraphError
 from qgraph.proposers import DraftModel, PromptLookup, Proposal, Proposer
 from qgraph.request import Request
-from qgraph.runtime import PAD_POSITION, StepTimer, logits_positions, prefill_rows
+from qgraph.runtime import PAD_POSITION, StepTimer, logits_positions, prefill_group
 
 
 def max_speculative_tokens(session: DecoderSession) -> int:
@@ -73,22 +73,14 @@ def _group_steps(
     proposer: Proposer,
     num_tokens: int,
 ) -> Iterator[list[tuple[Request, int]]]:
-    rows = [r.prompt_ids for r in group] + [[] for _ in range(batch_size - len(group))]
-    session.reset(len(rows))
-    t0 = time.perf_counter()
-    for r in group:
-        r.times.admitted = t0
-    last = prefill_rows(session, rows, pad_token_id)
-    # the proposer takes the prompts in before the first token: a draft model's prefill is prompt processing (TTFT),
-    # not decode time
-    proposer.reset(len(rows))
-    for i, r in enumerate(group):
-        proposer.admit(i, r)
-    taken = [(r, r.accept(last[i])) for i, r in enumerate(group)]
-    t1 = time.perf_counter()
-    timer.prefill_s += t1 - t0
-    if timer.first_token is None:
-        timer.first_token = t1
+    def admit_to_proposer(rows: int) -> None:
+        # the proposer takes the prompts in before the first token: a draft model's prefill is prompt processing
+        # (TTFT), not decode time
+        proposer.reset(rows)
+        for i, r in enumerate(group):
+            proposer.admit(i, r)
+
+    rows, taken, t1 = prefill_group(session, group, batch_size, pad_token_id, timer, admit_to_proposer)
     try:
         yield taken
         while True:
