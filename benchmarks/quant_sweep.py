@@ -21,8 +21,9 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.int4_vs_genai import RESULTS, isa_flags, measure
+from benchmarks.int4_vs_genai import isa_flags, measure
 from benchmarks.models import smollm2_dir
+from benchmarks.report import RESULTS_DIR, write_results
 from benchmarks.workload import SETTINGS, machine_info, prompt_rows
 from qgraph.pipelines import QUANTIZATION_DEFAULTS
 
@@ -171,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stride", type=int, default=256)
     parser.add_argument("--skip", choices=("quality", "speed"), default=None)
     parser.add_argument("--hf", action="store_true", help="also top-1 agreement with HF transformers (slow)")
-    parser.add_argument("--out", type=Path, default=RESULTS / "quant_sweep")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "quant_sweep")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     chosen = args.configs.split(",") if args.configs else None
@@ -196,11 +197,7 @@ def main(argv: list[str] | None = None) -> int:
             rows["speed"] = speed(precision, configs, args.rounds, args.new_tokens)
         result["precisions"][precision] = rows
     result["load_end"] = os.getloadavg()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    text = markdown(result)
-    args.out.with_suffix(".md").write_text(text)
-    print(text)
+    write_results(args.out, result, markdown(result))
     return 0
 
 
