@@ -28,7 +28,8 @@ from benchmarks.workload import SETTINGS, machine_info, prompt_rows
 from qgraph.pipelines import QUANTIZATION_DEFAULTS
 
 CACHE_DIR = Path.home() / ".cache" / "qgraph"
-RTN_INT4 = {"bits": 4, "block_size": 32, "accuracy_level": 4}
+RTN_INT4 = {"bits": 4, "block_size": 32, "accuracy_level": 4, "algorithm": "rtn"}
+MINMAX_INT4 = RTN_INT4 | {"algorithm": "minmax", "symmetric": False}
 RTN_INT8 = {"bits": 8, "block_size": 32, "accuracy_level": 4}
 
 # name -> the quantize-weights options (bits included); "default" = what compile(precision=...) does
@@ -44,7 +45,13 @@ CONFIGS: dict[str, dict[str, dict]] = {
         "sym-head8-b128": RTN_INT4 | {"symmetric": True, "head_bits": 8, "block_size": 128},
         "asym-head8-acc1": RTN_INT4 | {"symmetric": False, "head_bits": 8, "accuracy_level": 1},
         "asym-head8-emb8": RTN_INT4 | {"symmetric": False, "head_bits": 8, "embedding_bits": 8},
-        "hqq-head8": RTN_INT4 | {"algorithm": "hqq", "symmetric": False, "head_bits": 8},
+        "hqq-head8": RTN_INT4 | {"algorithm": "hqq", "symmetric": False, "head_bits": 8, "float_zero_points": "split"},
+        "hqq-head4": RTN_INT4 | {"algorithm": "hqq", "symmetric": False, "head_bits": 4, "float_zero_points": "split"},
+        "hqq-input-head8": RTN_INT4
+        | {"algorithm": "hqq", "symmetric": False, "head_bits": 8, "float_zero_points": "input"},
+        "minmax-head8": MINMAX_INT4 | {"head_bits": 8, "float_zero_points": "split"},
+        "minmax-head4": MINMAX_INT4 | {"head_bits": 4, "float_zero_points": "split"},
+        "minmax-input-head8": MINMAX_INT4 | {"head_bits": 8, "float_zero_points": "input"},
     },
     "int8": {
         "default": {},
