@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.models import bench_dir, smollm2_dir
+from benchmarks.report import RESULTS_DIR, write_results
 from benchmarks.workload import SETTINGS, machine_info, prompt_rows
 
-RESULTS = Path(__file__).parent / "results"
 ISA_PREFIXES = ("avx2", "avx512", "amx", "avx_vnni", "avxvnni", "fma", "f16c")
 CTX_LEN = 256
 GENAI = "onnxruntime-genai int4"
@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         "--configs", default="default", help=f"qgraph int4 variants, comma-separated: {', '.join(CONFIGS['int4'])}"
     )
     parser.add_argument("--no-cpu-time", action="store_true", help="skip the one-thread CPU-time runs")
-    parser.add_argument("--out", type=Path, default=RESULTS / "int4_vs_genai")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "int4_vs_genai")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     model_dir = smollm2_dir()
@@ -346,11 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": runs,
         "runs_cpu": runs_cpu,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    text = markdown(result)
-    args.out.with_suffix(".md").write_text(text)
-    print(text)
+    write_results(args.out, result, markdown(result))
     return 0
 
 

@@ -21,13 +21,15 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.int4_vs_genai import RESULTS, isa_flags, measure
+from benchmarks.int4_vs_genai import isa_flags, measure
 from benchmarks.models import smollm2_dir
+from benchmarks.report import RESULTS_DIR, write_results
 from benchmarks.workload import SETTINGS, machine_info, prompt_rows
 from qgraph.pipelines import QUANTIZATION_DEFAULTS
 
 CACHE_DIR = Path.home() / ".cache" / "qgraph"
-RTN_INT4 = {"bits": 4, "block_size": 32, "accuracy_level": 4}
+RTN_INT4 = {"bits": 4, "block_size": 32, "accuracy_level": 4, "algorithm": "rtn"}
+MINMAX_INT4 = RTN_INT4 | {"algorithm": "minmax", "symmetric": False}
 RTN_INT8 = {"bits": 8, "block_size": 32, "accuracy_level": 4}
 
 # name -> the quantize-weights options (bits included); "default" = what compile(precision=...) does
@@ -43,7 +45,13 @@ CONFIGS: dict[str, dict[str, dict]] = {
         "sym-head8-b128": RTN_INT4 | {"symmetric": True, "head_bits": 8, "block_size": 128},
         "asym-head8-acc1": RTN_INT4 | {"symmetric": False, "head_bits": 8, "accuracy_level": 1},
         "asym-head8-emb8": RTN_INT4 | {"symmetric": False, "head_bits": 8, "embedding_bits": 8},
-        "hqq-head8": RTN_INT4 | {"algorithm": "hqq", "symmetric": False, "head_bits": 8},
+        "hqq-head8": RTN_INT4 | {"algorithm": "hqq", "symmetric": False, "head_bits": 8, "float_zero_points": "split"},
+        "hqq-head4": RTN_INT4 | {"algorithm": "hqq", "symmetric": False, "head_bits": 4, "float_zero_points": "split"},
+        "hqq-input-head8": RTN_INT4
+        | {"algorithm": "hqq", "symmetric": False, "head_bits": 8, "float_zero_points": "input"},
+        "minmax-head8": MINMAX_INT4 | {"head_bits": 8, "float_zero_points": "split"},
+        "minmax-head4": MINMAX_INT4 | {"head_bits": 4, "float_zero_points": "split"},
+        "minmax-input-head8": MINMAX_INT4 | {"head_bits": 8, "float_zero_points": "input"},
     },
     "int8": {
         "default": {},
@@ -171,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stride", type=int, default=256)
     parser.add_argument("--skip", choices=("quality", "speed"), default=None)
     parser.add_argument("--hf", action="store_true", help="also top-1 agreement with HF transformers (slow)")
-    parser.add_argument("--out", type=Path, default=RESULTS / "quant_sweep")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "quant_sweep")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     chosen = args.configs.split(",") if args.configs else None
@@ -196,11 +204,7 @@ def main(argv: list[str] | None = None) -> int:
             rows["speed"] = speed(precision, configs, args.rounds, args.new_tokens)
         result["precisions"][precision] = rows
     result["load_end"] = os.getloadavg()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    text = markdown(result)
-    args.out.with_suffix(".md").write_text(text)
-    print(text)
+    write_results(args.out, result, markdown(result))
     return 0
 
 

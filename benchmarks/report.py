@@ -337,9 +337,12 @@ def model_tables(
 RESULTS_DIR = Path(__file__).parent / "results"
 
 
-def write_results(name: str, data: dict, markdown: str) -> None:
-    """``results/NAME.json`` (the data) and ``results/NAME.md`` (what a reader sees), printed as well."""
-    RESULTS_DIR.mkdir(exist_ok=True)
-    (RESULTS_DIR / f"{name}.json").write_text(json.dumps(data, indent=2))
-    (RESULTS_DIR / f"{name}.md").write_text(markdown)
+def write_results(name: str | Path, data: dict, markdown: str) -> None:
+    """``NAME.json`` (the data) and ``NAME.md`` (what a reader sees), printed as well: a plain name goes to
+    ``results/``, a path (a benchmark's ``--out``) where it points."""
+    stem = Path(name) if isinstance(name, Path) else RESULTS_DIR / name
+    stem = stem.with_suffix("") if stem.suffix in (".json", ".md") else stem
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{stem}.json").write_text(json.dumps(data, indent=2))
+    Path(f"{stem}.md").write_text(markdown)
     print(markdown)

@@ -68,15 +68,15 @@ GGUF_CLASS = {"float32": "f32", "int4": "q4_1"}
 # -- the workload ------------------------------------------------------------------------------------------------
 
 
-def prompt_texts(tokenizer, n: int = 4000) -> list[str]:
+def prompt_texts(tokenizer, n: int = 4000, lens: tuple[int, int] = PROMPT_LENS) -> list[str]:
     """``n`` prompts: unique token spans (no two share a prefix a server could cache) of lengths spread over
-    ``PROMPT_LENS`` in a fixed scrambled order, decoded to text."""
+    ``lens`` (lowest, highest) in a fixed scrambled order, decoded to text."""
     ids: list[int] = []
     for name in TEXTS:
         path = TEXT_DIR / name
         if path.exists():
             ids += tokenizer(" ".join(path.read_text().split()))["input_ids"]
-    low, high = PROMPT_LENS
+    low, high = lens
     if len(ids) < high * 4:
         raise SystemExit(f"not enough English text under {TEXT_DIR} to cut prompts from")
     prompts = []
@@ -433,15 +433,17 @@ def goals(result: dict) -> list[str]:
 
 
 def markdown(data: dict) -> str:
+    low, high = data["settings"]["prompt_lens"]
     lines = [
         f"# Serving under load ({data['date']})",
         "",
         f"`{data['command']}`",
         "",
-        f"Machine: {data['machine']['cpu']}, {data['machine']['logical_cores']} cores, shared with other engineers' "
-        f"work (contended: load average {data['machine']['load_average_1_5_15'][0]:.1f} at start, "
-        f"{data['load_average_at_end']:.1f} at end; per measurement in the JSON). SmolLM2-135M-Instruct; "
-        f"completions streamed, prompts {PROMPT_LENS[0]}-{PROMPT_LENS[1]} tokens (unique), max_tokens {MAX_TOKENS}, "
+        f"Machine: {data['machine']['cpu']}, {data['machine']['logical_cores']} cores; load average "
+        f"{data['machine']['load_average_1_5_15'][0]:.1f} at start, {data['load_average_at_end']:.1f} at end (the "
+        "server under load runs 2 threads: much above 2 means other work shared the cores; per measurement in the "
+        "JSON). SmolLM2-135M-Instruct; "
+        f"completions streamed, prompts {low}-{high} tokens (unique), max_tokens {MAX_TOKENS}, "
         f"temperature 0; {data['duration_s']:.0f} s of load per measurement, {data['rounds']} interleaved round(s). "
         f"qgraph: {SLOTS} slots, ctx_len {CTX_LEN}, prefill chunk {PREFILL_LEN}, ORT default threads (2); "
         f"llama-server: --parallel {SLOTS} "
@@ -490,10 +492,18 @@ def main() -> None:
     parser.add_argument("--llama-server", type=Path, default=None, help="default: PEERS_DIR/llama.cpp-build/bin/")
     parser.add_argument("--llama-threads", type=int, default=THREADS, help="threads of both llama.cpp servers")
     parser.add_argument("--name", default="serve_load", help="results file name under benchmarks/results")
+    parser.add_argument(
+        "--prompt-lens", default=f"{PROMPT_LENS[0]}-{PROMPT_LENS[1]}",
+        help="prompt lengths in tokens, LOW-HIGH (at most 240: qgraph serves with ctx_len 320)",
+    )
     parser.add_argument("--start-timeout", type=float, default=1800.0, help="seconds (qgraph compiles on first use)")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the servers this started (``finally``) first
     args.clients = [int(c) for c in args.clients.split(",")]
+    low, _, high = args.prompt_lens.partition("-")
+    prompt_lens = (int(low), int(high or low))
+    if not 1 <= prompt_lens[0] <= prompt_lens[1] <= PROMPT_LENS[1]:
+        parser.error(f"--prompt-lens must be LOW-HIGH with 1 <= LOW <= HIGH <= {PROMPT_LENS[1]}")
     args.llama_server = args.llama_server or args.peers_dir / "llama.cpp-build" / "bin" / "llama-server"
     from transformers import AutoTokenizer
 
@@ -501,12 +511,13 @@ def main() -> None:
 
     model_dir = smollm2_dir()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    prompts = prompt_texts(tokenizer)
+    prompts = prompt_texts(tokenizer, lens=prompt_lens)
     command = (
         f"python -m benchmarks.serve_load --precisions {args.precisions} --clients "
         f"{','.join(map(str, args.clients))} --duration {args.duration:g} --rounds {args.rounds} "
         f"--servers {args.servers}"
         + (f" --llama-threads {args.llama_threads}" if args.llama_threads != THREADS else "")
+        + (f" --prompt-lens {args.prompt_lens}" if prompt_lens != PROMPT_LENS else "")
         + (f" --name {args.name}" if args.name != "serve_load" else "")
     )
     data = {
@@ -517,7 +528,7 @@ def main() -> None:
         "rounds": args.rounds,
         "clients": args.clients,
         "llama_threads": args.llama_threads,
-        "settings": {"prompt_lens": PROMPT_LENS, "max_tokens": MAX_TOKENS, "ctx_len": CTX_LEN, "slots": SLOTS,
+        "settings": {"prompt_lens": prompt_lens, "max_tokens": MAX_TOKENS, "ctx_len": CTX_LEN, "slots": SLOTS,
                      "threads": THREADS, "prefill_len": PREFILL_LEN},  # fmt: skip
     }
     logs = Path(tempfile.mkdtemp(prefix="serve_load-"))

@@ -24,16 +24,30 @@ Embedding tables (``Gather`` from a float32 ``[V, H]`` initializer) become ``com
 gather touches only the pages of the rows it reads. (Sharing the 8-bit blocks of a tied LM head with the gather was
 measured to cost memory: the head's original blocks then stay resident beside their pre-packed copy.)
 
-``float_zero_points=True`` stores 4-bit asymmetric blocks the way llama.cpp's Q4_1 does, ``w = scale * q + min`` with
-the block's own min/max, as MatMulNBits's float zero point ``-min / scale`` (ORT's integer zero point has to round
-``min`` onto the scale grid). On weights that came from a Q4_1 file (SmolLM2 here) it reproduces them exactly, but
-ONNX Runtime 1.32's CPU kernel has no fast path for float zero points (~10x slower decode), so it is off by default.
-``algorithm="hqq"`` quantizes the 4-bit matrices with ONNX Runtime's HQQ (``HQQWeightOnlyQuantizer``: a
-half-quadratic solver refines each block's zero point, a float), so it shares that slow path; an 8-bit LM head stays
-round-to-nearest (ORT's CPU kernel has no 8-bit float zero points). GPTQ-style calibration (ORT's
-``GPTQWeightOnlyQuantConfig``) is not offered: it feeds calibration data through a whole ONNX protobuf model with
-Intel Neural Compressor's code, outside this in-memory pass. What each option costs in perplexity and speed on
-SmolLM2: ``benchmarks/quant_sweep.py`` and the README.
+4-bit blocks come from one of three algorithms: ``"rtn"`` (ONNX Runtime's round-to-nearest: scale
+``(max - min) / 15`` and an integer zero point, which rounds the block's minimum onto the scale grid), ``"minmax"``
+(the same scale with the float zero point ``-min / scale``: ``w = scale * q + min``, llama.cpp's Q4_1 blocks) and
+``"hqq"`` (ONNX Runtime's HQQ, ``HQQWeightOnlyQuantizer``: a half-quadratic solver refines each block's scale and
+float zero point). An 8-bit LM head stays round-to-nearest whatever the algorithm.
+
+Float zero points are executed one of two ways (``float_zero_points``):
+
+- ``"split"`` (default): MatMulNBits reads the rounded integer zero point ``z_i`` (its fast int8 kernel, ``MLAS``
+  ``SQNBitGemm``), and the rest, ``scale * (z_i - z)``, one number per block and output column, is a ``[K / block,
+  N]`` matrix ``R`` with ``x @ W = x @ W_int + blocksum(x) @ R``. ``R`` rides in the same node as extra rows of K:
+  the input becomes ``Concat(x, ReduceSum(Reshape(x, [..., K / block, block])))`` (three small nodes per distinct
+  input, shared by every MatMul reading it) and ``R``'s rows are quantized to 4 bits in blocks of their own, so a
+  block's offset is kept to ~1/30 of the largest step of its column instead of up to half a step.
+- ``"input"``: MatMulNBits' float ``zero_points`` input, exact, but ONNX Runtime's CPU kernel does not pre-pack a
+  float zero point and dequantizes the whole matrix to a float GEMM on every call (~10x slower decode).
+
+On weights already on a Q4_1 grid (SmolLM2's float32 files here were dequantized from Q4_1) ``"minmax"`` finds that
+grid exactly; on other weights its blocks are the usual min/max 4-bit blocks (``benchmarks/quant_sweep.py`` and the
+README measure what each option costs in perplexity and speed on SmolLM2). The report counts the nodes and gives
+``weight_rms_error_bp``: the root-mean-square difference of the dequantized weights from the float ones, in basis
+points (1/10,000) of the weights' own root mean square. GPTQ-style calibration (ORT's ``GPTQWeightOnlyQuantConfig``)
+is not offered: it feeds calibration data through a whole ONNX protobuf model with Intel Neural Compressor's code,
+outside this in-memory pass.
 Likewise ``accuracy_level=0`` (float activations) is exact-er but ~15x slower than the int8-activation path (4).
 
 Contract: graph inputs/outputs unchanged; only ``com.microsoft`` is added to the opset imports. Idempotent (nothing
@@ -43,15 +57,17 @@ left to match the second time).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from qgraph.graph_utils import MS_DOMAIN, add_initializer, derived_name
+from qgraph.graph_utils import MS_DOMAIN, add_initializer, derived_name, onnx_opset
 from qgraph.pass_manager import CountedResult, GraphPass
 
-ALGORITHMS = ("rtn", "hqq")
+ALGORITHMS = ("rtn", "minmax", "hqq")
+FLOAT_ZERO_POINTS = ("split", "input")
 
 
 def _const(value: ir.Value | None) -> np.ndarray | None:
@@ -89,6 +105,49 @@ def _attr(node: ir.Node, name: str, default):
     return default if attr is None else attr.value
 
 
+def _unpack(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """``count`` integers per row from MatMulNBits' byte layout (4-bit: low nibble first)."""
+    if bits == 8:
+        return packed[..., :count].astype(np.uint8)
+    out = np.empty((*packed.shape[:-1], 2 * packed.shape[-1]), np.uint8)
+    out[..., 0::2], out[..., 1::2] = packed & 15, packed >> 4
+    return out[..., :count]
+
+
+def _pack(values: np.ndarray, bits: int) -> np.ndarray:
+    """Integers (last axis) into MatMulNBits' byte layout; an odd count of 4-bit values is padded with a zero."""
+    values = values.astype(np.uint8)
+    if bits == 8:
+        return values
+    if values.shape[-1] % 2:
+        values = np.concatenate([values, np.zeros((*values.shape[:-1], 1), np.uint8)], axis=-1)
+    return values[..., 0::2] | (values[..., 1::2] << 4)
+
+
+@dataclass
+class Blocks:
+    """A ``[K, N]`` weight as blocks along K per output column: ``w ~ scales * (q - zero_points)``.
+
+    ``q`` ``[N, blocks, block]`` integers (unpacked), ``scales`` ``[N, blocks]``, ``zero_points`` ``[N, blocks]``
+    (uint8, or float32 for a float zero point; None: symmetric, MatMulNBits' default ``2**(bits - 1)``).
+    """
+
+    q: np.ndarray
+    scales: np.ndarray
+    zero_points: np.ndarray | None
+    bits: int
+
+    @property
+    def float_zero_points(self) -> bool:
+        return self.zero_points is not None and self.zero_points.dtype != np.uint8
+
+    def dequantized(self, k: int) -> np.ndarray:
+        """The ``[K, N]`` float weight these blocks stand for (what MatMulNBits multiplies by)."""
+        zero = 2 ** (self.bits - 1) if self.zero_points is None else self.zero_points[..., None].astype(np.float32)
+        w = self.scales[..., None] * (self.q.astype(np.float32) - zero)
+        return w.reshape(w.shape[0], -1)[:, :k].T
+
+
 class QuantizeWeights(GraphPass):
     """Constant-weight MatMul/Gemm -> ``com.microsoft.MatMulNBits`` (weight-only, blockwise, 4 or 8 bits)."""
 
@@ -104,21 +163,26 @@ class QuantizeWeights(GraphPass):
         accuracy_level: int = 4,
         min_elements: int = 4096,
         head_bits: int | None = 8,
-        float_zero_points: bool = False,
         embedding_bits: int | None = None,
         algorithm: str = "rtn",
+        float_zero_points: str = "split",
     ):
         for name, value in (("bits", bits), ("head_bits", head_bits if head_bits is not None else bits)):
             if value not in (4, 8):
                 raise ValueError(f"{name} must be 4 or 8, got {value}")
         if algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm must be one of {', '.join(ALGORITHMS)}, got {algorithm!r}")
-        if algorithm == "hqq" and (symmetric or bits != 4):
+        if algorithm != "rtn" and (symmetric or bits != 4):
             raise ValueError(
-                "algorithm 'hqq' is 4-bit and asymmetric (a float zero point per block; ONNX Runtime's CPU "
-                f"MatMulNBits has no 8-bit form of it), got bits={bits}, symmetric={symmetric}"
+                f"algorithm {algorithm!r} is 4-bit and asymmetric (a float zero point per block), got bits={bits}, "
+                f"symmetric={symmetric}: use algorithm 'rtn' for those"
             )
-        self.algorithm = algorithm
+        if float_zero_points not in FLOAT_ZERO_POINTS:
+            raise ValueError(
+                f"float_zero_points must be one of {', '.join(FLOAT_ZERO_POINTS)} (how MatMulNBits executes a float "
+                f"zero point), got {float_zero_points!r}"
+            )
+        self.algorithm, self.float_zero_points = algorithm, float_zero_points
         if embedding_bits not in (8, None):
             raise ValueError(f"embedding_bits must be 8 or None (tables stay float32), got {embedding_bits}")
         self.embedding_bits = embedding_bits
@@ -127,7 +191,6 @@ class QuantizeWeights(GraphPass):
         self.bits, self.block_size, self.symmetric = bits, block_size, symmetric
         self.accuracy_level, self.min_elements = accuracy_level, min_elements
         self.head_bits = bits if head_bits is None else head_bits
-        self.float_zero_points = float_zero_points
 
     # -- matching -----------------------------------------------------------------------------------------------
 
@@ -163,41 +226,50 @@ class QuantizeWeights(GraphPass):
             return (w.T if _attr(node, "transB", 0) else w), b, bias
         return None
 
-    # -- rewriting ----------------------------------------------------------------------------------------------
+    # -- quantizing ---------------------------------------------------------------------------------------------
 
-    def _quantize(self, w_kn: np.ndarray, bits: int):
-        if self.algorithm == "hqq" and bits == 4:  # an 8-bit LM head stays round-to-nearest
+    def _quantize(self, w_kn: np.ndarray, bits: int) -> Blocks:
+        if bits == 4 and self.algorithm == "hqq":  # an 8-bit LM head stays round-to-nearest
             return self._quantize_hqq(w_kn)
-        if bits == 4 and self.float_zero_points and not self.symmetric:
+        if bits == 4 and self.algorithm == "minmax":
             return self._quantize_min_max(w_kn)
-        return self._quantize_rtn(w_kn, bits)
+        return self._quantize_rtn(w_kn, bits, self.symmetric)
 
-    def _quantize_rtn(self, w_kn: np.ndarray, bits: int):
+    def _quantize_rtn(self, w_kn: np.ndarray, bits: int, symmetric: bool) -> Blocks:
         """ONNX Runtime's round-to-nearest blocks (integer zero points unless symmetric)."""
         ort_quantizer = _ort_quantizer()
         config = ort_quantizer.DefaultWeightOnlyQuantConfig(
-            block_size=self.block_size, is_symmetric=self.symmetric, bits=bits
+            block_size=self.block_size, is_symmetric=symmetric, bits=bits
         )
-        return ort_quantizer.DefaultWeightOnlyQuantizer(config).qbits_block_quant(
+        packed, scales, zero_points = ort_quantizer.DefaultWeightOnlyQuantizer(config).qbits_block_quant(
             np.ascontiguousarray(w_kn, dtype=np.float32)
         )
+        n, blocks = packed.shape[0], packed.shape[1]
+        q = _unpack(packed, bits, self.block_size)
+        zero = None if symmetric else _unpack(zero_points.reshape(n, -1), bits, blocks)
+        return Blocks(q, scales.reshape(n, blocks).astype(np.float32), zero, bits)
 
-    def _quantize_hqq(self, w_kn: np.ndarray):
+    def _quantize_hqq(self, w_kn: np.ndarray) -> Blocks:
         """ONNX Runtime's HQQ (``HQQWeightOnlyQuantizer.quantize_internal``: blocks along K per output column, scale
-        and a float zero point refined by its half-quadratic solver), packed as MatMulNBits reads it."""
+        and a float zero point refined by its half-quadratic solver)."""
         import torch
 
         ort_quantizer = _ort_quantizer()
         config = ort_quantizer.HQQWeightOnlyQuantConfig(block_size=self.block_size, bits=4)
         quantizer = ort_quantizer.HQQWeightOnlyQuantizer(config)
-        weight = torch.from_numpy(np.ascontiguousarray(w_kn.T, dtype=np.float32))
+        weight = torch.from_numpy(np.array(w_kn.T, dtype=np.float32))  # a writable copy: torch needs one
         with torch.no_grad():
             q, scales, zero_points = quantizer.quantize_internal(weight, bits=4, group_size=self.block_size)
         q = q.numpy().astype(np.uint8).reshape(q.shape[0], -1, self.block_size)
-        packed = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
-        return packed, scales.numpy().astype(np.float32), zero_points.numpy().astype(np.float32)
+        n, blocks = q.shape[0], q.shape[1]
+        return Blocks(
+            q,
+            scales.numpy().astype(np.float32).reshape(n, blocks),
+            zero_points.numpy().astype(np.float32).reshape(n, blocks),
+            4,
+        )
 
-    def _quantize_min_max(self, w_kn: np.ndarray):
+    def _quantize_min_max(self, w_kn: np.ndarray) -> Blocks:
         """4-bit blocks along K per output column: q = round((w - min) / scale), zero point -min / scale (float)."""
         k, n = w_kn.shape
         blocks = -(-k // self.block_size)
@@ -209,8 +281,50 @@ class QuantizeWeights(GraphPass):
         scale = ((high - low) / 15).astype(np.float32)
         scale[scale == 0] = 1.0
         q = np.clip(np.rint((w - low[..., None]) / scale[..., None]), 0, 15).astype(np.uint8)
-        packed = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
-        return packed, scale, (-low / scale).astype(np.float32)
+        return Blocks(q, scale, (-low / scale).astype(np.float32), 4)
+
+    def _split(self, blocks: Blocks) -> Blocks:
+        """Float zero points as integer ones plus ``K / block`` extra rows of K holding the rest (``R``): row
+        ``K + b`` of column ``n`` is ``scale * (round(z) - z)`` of block ``b``, itself quantized round-to-nearest in
+        blocks of its own; the node's input carries each block's sum there (``_blocksum_input``). The extra rows
+        end in a partial block: padding them to whole blocks (a Pad node) was measured slower, not faster."""
+        top = 2**blocks.bits - 1
+        integer = np.clip(np.rint(blocks.zero_points), 0, top).astype(np.uint8)
+        rest = blocks.scales * (integer.astype(np.float32) - blocks.zero_points)  # [N, blocks]
+        extra = self._quantize_rtn(np.ascontiguousarray(rest.T), blocks.bits, symmetric=False)
+        return Blocks(
+            np.concatenate([blocks.q, extra.q], axis=1),
+            np.concatenate([blocks.scales, extra.scales], axis=1),
+            np.concatenate([integer, extra.zero_points], axis=1),
+            blocks.bits,
+        )
+
+    # -- rewriting ----------------------------------------------------------------------------------------------
+
+    def _blocksum_input(self, graph: ir.Graph, x: ir.Value, k: int, before: ir.Node, opset: int) -> ir.Value | None:
+        """``Concat(x, ReduceSum(Reshape(x, [..., K / block, block]), -1))``, built once per input (inserted before
+        its first reader), or None when ``x``'s rank is unknown."""
+        rank = x.shape.rank() if x.shape is not None else None
+        if rank is None:
+            return None
+        blocks = k // self.block_size
+        base = x.name or "x"
+        shape = _reuse_or_add(graph, f"{base}_block_shape", np.array([0] * (rank - 1) + [blocks, self.block_size]))
+        reshape = ir.node("Reshape", [x, shape], name=f"{base}_blocks")
+        if opset >= 13:
+            axes = _reuse_or_add(graph, "quantize_weights_last_axis", np.array([-1], np.int64))
+            reduce = ir.node("ReduceSum", [reshape.outputs[0], axes], {"keepdims": 0}, name=f"{base}_blocksums")
+        else:
+            attributes = {"axes": [-1], "keepdims": 0}
+            reduce = ir.node("ReduceSum", [reshape.outputs[0]], attributes, name=f"{base}_blocksums")
+        concat = ir.node("Concat", [x, reduce.outputs[0]], {"axis": -1}, name=f"{base}_with_blocksums")
+        for node in (reshape, reduce, concat):
+            node.outputs[0].name = node.name
+        dims = list(x.shape)
+        dims[-1] = k + blocks
+        concat.outputs[0].type, concat.outputs[0].shape = x.type, ir.Shape(dims)
+        graph.insert_before(before, [reshape, reduce, concat])
+        return concat.outputs[0]
 
     def _embedding_table(self, node: ir.Node) -> np.ndarray | None:
         """The float32 ``[V, H]`` table a ``Gather`` (axis 0) reads rows of, when large enough to quantize."""
@@ -225,7 +339,8 @@ class QuantizeWeights(GraphPass):
         """``Gather(E, ids)`` -> ``GatherBlockQuantized(E_q8, ids, scales, zero_points)``; returns the bytes kept."""
         rows, width = table.shape
         # GatherBlockQuantized reads integer zero points only: round-to-nearest whatever the MatMuls use
-        packed, scales, zero_points = self._quantize_rtn(np.ascontiguousarray(table.T), self.embedding_bits)
+        quantized = self._quantize_rtn(np.ascontiguousarray(table.T), self.embedding_bits, symmetric=False)
+        packed, scales, zero_points = quantized.q, quantized.scales, quantized.zero_points
         base = node.inputs[0].name or node.name
         data, scales_value, zero_points_value = (
             _reuse_or_add(graph, f"{base}_gather_{suffix}", array)
@@ -254,31 +369,57 @@ class QuantizeWeights(GraphPass):
 
         graph = model.graph
         head = find_lm_head(graph)
-        quantized = skipped = embeddings = 0
+        opset = onnx_opset(model)
+        counts = dict.fromkeys(
+            ("quantized", "float_zero_points_split", "float_zero_points_input", "blocksum_inputs", "skipped_small"), 0
+        )
         bytes_before = bytes_after = 0
+        squared_error = squared_weight = 0.0
+        with_blocksums: dict[ir.Value, ir.Value | None] = {}
         for node in list(graph):
             found = self._weight_kn(node)
             if found is None:
                 continue
             w_kn, source, bias = found
             if w_kn.dtype != np.float32 or w_kn.size < self.min_elements:
-                skipped += 1
+                counts["skipped_small"] += 1
                 continue
             k, n = w_kn.shape
             bits = self.head_bits if node is head else self.bits
-            packed, scales, zero_points = self._quantize(w_kn, bits)
+            blocks = self._quantize(w_kn, bits)
+            x, k_read = node.inputs[0], k
+            if blocks.float_zero_points and self.float_zero_points == "split" and k % self.block_size == 0:
+                if x not in with_blocksums:
+                    with_blocksums[x] = self._blocksum_input(graph, x, k, node, opset)
+                    counts["blocksum_inputs"] += with_blocksums[x] is not None
+                if with_blocksums[x] is not None:
+                    blocks = self._split(blocks)
+                    x, k_read = with_blocksums[x], k + k // self.block_size
+                    counts["float_zero_points_split"] += 1
+            if blocks.float_zero_points:
+                counts["float_zero_points_input"] += 1
+            w_hat = blocks.dequantized(k_read)
+            if k_read != k:  # the extra rows add blocksum(x) @ R: in weight terms, R repeated over each block
+                w_hat = w_hat[:k] + np.repeat(w_hat[k:], self.block_size, axis=0)
+            squared_error += float(np.square(w_hat - w_kn, dtype=np.float64).sum())
+            squared_weight += float(np.square(w_kn, dtype=np.float64).sum())
+            packed = _pack(blocks.q, bits)
+            scales = blocks.scales.reshape(-1)
             base = source.name or node.name
+            suffix = f"Q{bits}" + ("_split" if k_read != k else "")
             inputs = [
-                node.inputs[0],
-                graph.initializers.get(f"{base}_Q{bits}") or add_initializer(graph, f"{base}_Q{bits}", packed),
-                graph.initializers.get(f"{base}_scales")
-                or add_initializer(graph, f"{base}_scales", scales.reshape(-1)),
+                x,
+                _reuse_or_add(graph, f"{base}_{suffix}", packed),
+                _reuse_or_add(graph, f"{base}_{suffix}_scales", scales),
             ]
-            if not self.symmetric:
-                zp_name = f"{base}_zero_points"
-                inputs.append(
-                    graph.initializers.get(zp_name) or add_initializer(graph, zp_name, zero_points.reshape(-1))
+            zero_points = None
+            if blocks.zero_points is not None:
+                zero_points = (
+                    blocks.zero_points.reshape(-1)
+                    if blocks.float_zero_points
+                    else _pack(blocks.zero_points, bits).reshape(-1)
                 )
+                inputs.append(_reuse_or_add(graph, f"{base}_{suffix}_zero_points", zero_points))
             else:
                 inputs.append(None)
             if bias is not None:
@@ -286,7 +427,7 @@ class QuantizeWeights(GraphPass):
             while inputs and inputs[-1] is None:
                 inputs.pop()
             attributes = [
-                ir.AttrInt64("K", k),
+                ir.AttrInt64("K", k_read),
                 ir.AttrInt64("N", n),
                 ir.AttrInt64("bits", bits),
                 ir.AttrInt64("block_size", self.block_size),
@@ -297,23 +438,24 @@ class QuantizeWeights(GraphPass):
             new.outputs[0].shape = node.outputs[0].shape
             new.outputs[0].type = node.outputs[0].type
             ir.convenience.replace_nodes_and_values(graph, node, [node], [new], node.outputs, new.outputs)
-            quantized += 1
+            counts["quantized"] += 1
             bytes_before += w_kn.nbytes
-            bytes_after += packed.nbytes + scales.nbytes + (0 if self.symmetric else zero_points.nbytes)
+            bytes_after += packed.nbytes + scales.nbytes + (0 if zero_points is None else zero_points.nbytes)
+        embeddings = 0
         for node in list(graph) if self.embedding_bits else []:
             table = self._embedding_table(node)
             if table is not None:
                 bytes_after += self._quantize_embedding(graph, node, table)
                 bytes_before += table.nbytes
                 embeddings += 1
-        if quantized or embeddings:
+        if counts["quantized"] or embeddings:
             model.opset_imports.setdefault(MS_DOMAIN, 1)
             RemoveUnusedNodesPass()(model)  # the float weights (and tied heads' Transposes) nothing reads
         return self.result(
             model,
-            quantized=quantized,
+            **counts,
             embeddings_quantized=embeddings,
-            skipped_small=skipped,
             weight_mib_before=round(bytes_before / 2**20),
             weight_mib_after=round(bytes_after / 2**20),
+            weight_rms_error_bp=round(1e4 * (squared_error / squared_weight) ** 0.5) if squared_weight else 0,
         )

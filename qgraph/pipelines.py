@@ -13,8 +13,16 @@ QUANTIZED_BITS = {"int8": 8, "int4": 4}  # weight-only precisions -> quantize-we
 # quantize-weights options of compile(precision=...), chosen by measurement (benchmarks/quant_sweep.py, README);
 # compile(quantization={...}) overrides any of them
 QUANTIZATION_DEFAULTS: dict[str, dict[str, Any]] = {
-    "int8": {"bits": 8, "block_size": 32, "symmetric": False, "accuracy_level": 4, "head_bits": 8},
-    "int4": {"bits": 4, "block_size": 32, "symmetric": False, "accuracy_level": 4, "head_bits": 8},
+    "int8": {"bits": 8, "block_size": 32, "symmetric": False, "accuracy_level": 4, "head_bits": 8, "algorithm": "rtn"},
+    "int4": {
+        "bits": 4,
+        "block_size": 32,
+        "symmetric": False,
+        "accuracy_level": 4,
+        "head_bits": 4,
+        "algorithm": "minmax",
+        "float_zero_points": "split",
+    },
 }
 
 if TYPE_CHECKING:

@@ -59,10 +59,10 @@ def test_activation_matmuls_are_left_alone():
     assert [n.op_type for n in model.graph] == ["MatMul"]
 
 
-def _single_op_model(form: str, w: np.ndarray, bias: np.ndarray) -> ir.Model:
-    """``y = x @ W (+ b)`` written the three ways exporters write it."""
+def _single_op_model(form: str, w: np.ndarray, bias: np.ndarray, rows: int = 4) -> ir.Model:
+    """``y = x @ W (+ b)`` written the three ways exporters write it, ``x`` of ``rows`` rows."""
     k, n = w.shape
-    x = ir.Value(name="x", shape=ir.Shape([4, k]), type=ir.TensorType(ir.DataType.FLOAT))
+    x = ir.Value(name="x", shape=ir.Shape([rows, k]), type=ir.TensorType(ir.DataType.FLOAT))
     inits = []
 
     def const(name, array):
@@ -131,12 +131,15 @@ def test_bad_options_are_refused():
         QuantizeWeights(bits=3)
     with pytest.raises(ValueError, match="block_size"):
         QuantizeWeights(block_size=24)
-    with pytest.raises(ValueError, match="algorithm must be one of rtn, hqq, got 'gptq'"):
+    with pytest.raises(ValueError, match="algorithm must be one of rtn, minmax, hqq, got 'gptq'"):
         QuantizeWeights(algorithm="gptq")
-    with pytest.raises(ValueError, match="'hqq' is 4-bit and asymmetric"):
-        QuantizeWeights(algorithm="hqq", symmetric=True)
-    with pytest.raises(ValueError, match="'hqq' is 4-bit and asymmetric"):
-        QuantizeWeights(algorithm="hqq", bits=8)
+    for algorithm in ("hqq", "minmax"):
+        with pytest.raises(ValueError, match=f"'{algorithm}' is 4-bit and asymmetric"):
+            QuantizeWeights(algorithm=algorithm, symmetric=True)
+        with pytest.raises(ValueError, match=f"'{algorithm}' is 4-bit and asymmetric"):
+            QuantizeWeights(algorithm=algorithm, bits=8)
+    with pytest.raises(ValueError, match="float_zero_points must be one of split, input"):
+        QuantizeWeights(float_zero_points=True)
 
 
 def test_hqq_blocks_compute_the_product_at_least_as_closely_as_round_to_nearest(tmp_path):
@@ -149,7 +152,7 @@ def test_hqq_blocks_compute_the_product_at_least_as_closely_as_round_to_nearest(
     errors = {}
     for algorithm in ("rtn", "hqq"):
         model = _single_op_model("matmul", w, np.zeros(96, np.float32))
-        QuantizeWeights(bits=4, accuracy_level=0, min_elements=0, algorithm=algorithm)(model)
+        QuantizeWeights(bits=4, accuracy_level=0, min_elements=0, algorithm=algorithm, float_zero_points="input")(model)
         [node] = model.graph
         assert node.op_type == "MatMulNBits" and node.attributes["bits"].value == 4
         zero_points = node.inputs[3].const_value.numpy()
@@ -190,21 +193,97 @@ def test_lm_head_keeps_8_bits_under_4_bit_blocks(retained_model, arch):
     assert set(nbits.values()) == {4}
 
 
-def test_float_zero_points_reproduce_q4_1_blocks_exactly(tmp_path):
+def _q4_1_weight(rng, k: int, n: int, positive_block: bool = True, block: int = 32) -> np.ndarray:
+    """A ``[K, N]`` weight on a Q4_1 grid: ``scale * q + min`` per block of K, every block using levels 0 and 15,
+    straddling zero anywhere (``min`` from ``-15 * scale`` to 0); with ``positive_block`` each column's first block
+    lies above zero (its float zero point is negative)."""
+    q = rng.integers(0, 16, (n, k // block, block))
+    q[..., 0], q[..., 1] = 0, 15
+    scale = rng.uniform(1e-3, 1e-2, (n, k // block, 1))
+    low = -rng.uniform(0.0, 15.0, (n, k // block, 1)) * scale
+    if positive_block:
+        low[:, 0] = rng.uniform(1e-3, 1e-2, (n, 1))
+    return (scale * q + low).reshape(n, k).T.astype(np.float32)
+
+
+def _weights_ort_multiplies_by(model: ir.Model, k: int, tmp_path, name: str) -> np.ndarray:
+    """The ``[K, N]`` matrix a one-input graph computes with: its output for the identity's rows (float activations,
+    ``accuracy_level`` 0, so nothing but the weights' blocks is approximated)."""
+    ir.save(model, tmp_path / f"{name}.onnx")
+    return ort.InferenceSession(str(tmp_path / f"{name}.onnx")).run(None, {"x": np.eye(k, dtype=np.float32)})[0]
+
+
+def test_float_zero_points_input_reproduce_q4_1_blocks_exactly(tmp_path):
     """Weights of the form scale * q + min per 32-block (a dequantized Q4_1 file) come back exactly."""
     rng = np.random.default_rng(0)
-    k, n, block = 256, 64, 32
-    q = rng.integers(0, 16, (n, k // block, block))
-    q[..., 0], q[..., 1] = 0, 15  # every block spans the full range, as Q4_1 blocks do
-    scale = rng.uniform(1e-3, 1e-2, (n, k // block, 1))
-    low = rng.uniform(-0.05, 0.0, (n, k // block, 1))
-    w = (scale * q + low).reshape(n, k).T.astype(np.float32)  # [K, N]
+    k, n = 256, 64
+    w = _q4_1_weight(rng, k, n)
     model = _single_op_model("matmul", w, np.zeros(n, np.float32))
-    QuantizeWeights(bits=4, float_zero_points=True, min_elements=0)(model)
+    report = QuantizeWeights(bits=4, algorithm="minmax", float_zero_points="input", min_elements=0)(model).counts
+    assert report["float_zero_points_input"] == 1 and report["weight_rms_error_bp"] == 0
     ir.save(model, tmp_path / "m.onnx")
     x = rng.normal(0, 1, (4, k)).astype(np.float32)
     y = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"x": x})[0]
     np.testing.assert_allclose(y, x @ w, rtol=1e-5, atol=1e-5)
+
+
+def test_split_float_zero_points_keep_q4_1_blocks_within_a_thirtieth_of_a_step(tmp_path):
+    """The default split (integer zero point in MatMulNBits' fast kernel, the rest as one extra row of K per block,
+    fed each block's sum) keeps on-grid weights within 1/30 of their column's largest step, where ONNX Runtime's
+    integer zero points move a block by up to half a step; the graph reads x's block sums through one
+    Reshape/ReduceSum/Concat and MatMulNBits sees K + K/32 rows with uint8 zero points."""
+    rng = np.random.default_rng(0)
+    k, n = 256, 64
+    w = _q4_1_weight(rng, k, n, positive_block=False)  # as in a trained model's blocks of 32: all straddle zero
+    largest_step = (w.max(0) - w.min(0)) / 15  # a column's largest block step is at most its whole range / 15
+    errors = {}
+    for algorithm in ("rtn", "minmax"):
+        model = _single_op_model("matmul", w, np.zeros(n, np.float32), rows=k)
+        report = QuantizeWeights(bits=4, accuracy_level=0, min_elements=0, algorithm=algorithm)(model).counts
+        errors[algorithm] = np.abs(_weights_ort_multiplies_by(model, k, tmp_path, algorithm) - w)
+        if algorithm == "minmax":
+            assert report["float_zero_points_split"] == 1 and report["blocksum_inputs"] == 1
+            assert [node.op_type for node in model.graph] == ["Reshape", "ReduceSum", "Concat", "MatMulNBits"]
+            matmul = model.graph.node(3)
+            assert matmul.attributes["K"].value == k + k // 32
+            assert matmul.inputs[3].const_value.dtype == ir.DataType.UINT8
+    assert (errors["minmax"] <= largest_step / 30 + 1e-6).all()
+    assert errors["rtn"].max() > 10 * errors["minmax"].max(), (errors["rtn"].max(), errors["minmax"].max())
+
+
+def test_split_blocks_compute_the_product_with_int8_activations(tmp_path):
+    """At the default ``accuracy_level`` 4 (int8 activation blocks, the block sums a block of their own) the split
+    product of Q4_1 weights stays within 1% rms of ``x @ w``; Gaussian (off-grid) weights within the 4-bit
+    round-to-nearest tolerance of ``test_each_form_computes_the_same_product``."""
+    rng = np.random.default_rng(2)
+    k, n = 256, 96
+    x = rng.normal(0, 1, (4, k)).astype(np.float32)
+    for w, tolerance in ((_q4_1_weight(rng, k, n), 0.01), (rng.normal(0, 0.02, (k, n)).astype(np.float32), 0.12)):
+        model = _single_op_model("gemm", w, np.full(n, 0.5, np.float32))
+        QuantizeWeights(bits=4, min_elements=0, algorithm="minmax")(model)
+        ir.save(model, tmp_path / "m.onnx")
+        y = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"x": x})[0]
+        reference = x @ w + 0.5
+        assert np.sqrt(((y - reference) ** 2).mean() / (reference**2).mean()) < tolerance
+
+
+def test_one_blocksum_chain_per_input_shared_by_its_readers(retained_model, tmp_path):
+    """On a tiny Llama, every reader of one activation shares one block-sum chain (q/k/v read one norm output,
+    gate/up another), and the split model computes what MatMulNBits' float zero points compute: with float
+    activations (``accuracy_level`` 0) its logits stay within 2% of their range of the float-zero-point model's
+    (measured 0.9%; the tiny random model amplifies each layer's difference, Q4_1-free Gaussian weights)."""
+    outputs = {}
+    for mode in ("split", "input"):
+        model = retained_model("llama")
+        options = {"algorithm": "minmax", "float_zero_points": mode, "accuracy_level": 0, "min_elements": 0}
+        [report] = run_pipeline(model, [PassSpec("quantize-weights", options)])
+        outputs[mode] = _logits(model, tmp_path, mode)
+        if mode == "split":
+            # per layer: q/k/v's input, o's, gate/up's, down's; the LM head is 8-bit round-to-nearest (not split)
+            readers = {n.inputs[0] for n in model.graph if n.op_type == "MatMulNBits"}
+            assert report.counts["blocksum_inputs"] == 2 * 4 == len(readers) - 1
+            assert report.counts["float_zero_points_split"] == LINEARS["llama"] - 1
+    assert np.abs(outputs["split"] - outputs["input"]).max() / np.abs(outputs["input"]).max() < 0.02
 
 
 def test_unnamed_matmuls_give_a_loadable_graph(tmp_path):
