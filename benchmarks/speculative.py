@@ -119,11 +119,11 @@ def qgraph_models(model_dir: Path, ctx_len: int, k: int, want: set[str], threads
 
     models, notes = {}, []
 
-    def compiled(role: str, **options):
+    def compiled(role: str, spinning: bool = True, **options):
         model = QEFFAutoModelForCausalLM.from_pretrained(str(model_dir), verbose=False)
         try:
             session_options = {"intra_op_num_threads": threads}
-            if threads > 1 and role != "plain":  # a draft and its target take turns: idle threads must not spin
+            if threads > 1 and not spinning:  # a draft and its target take turns: idle threads must not spin
                 session_options["allow_spinning"] = False
             model.compile(prefill_seq_len=PREFILL, ctx_len=ctx_len, session_options=session_options, **options)
         except TypeError as exc:  # an option this qgraph does not know
@@ -135,34 +135,29 @@ def qgraph_models(model_dir: Path, ctx_len: int, k: int, want: set[str], threads
     speculation = "num_speculative_tokens" in inspect.signature(QEFFAutoModelForCausalLM.compile).parameters
     if want & {"qgraph-lookup", "qgraph-int4-draft"} and not speculation:
         notes.append("qgraph speculative variants skipped: this qgraph's compile has no num_speculative_tokens")
-    elif want & {"qgraph-lookup", "qgraph-int4-draft"}:
-        models["speculative"] = compiled("speculative", num_speculative_tokens=k)
-    if "qgraph-int4-draft" in want:
-        models["int4"] = compiled("int4 draft", precision="int4")
+    else:
+        # prompt lookup's target runs alone, like plain decode (ORT's default spinning threads: a one-token run ~8%
+        # cheaper, benchmarks/results/spec-step-cost.md); a draft's target shares the cores with the draft
+        if want & {"qgraph-lookup"}:
+            models["speculative"] = compiled("speculative", num_speculative_tokens=k)
+        if "qgraph-int4-draft" in want:
+            models["draft target"] = compiled("draft target", spinning=False, num_speculative_tokens=k)
+            models["int4"] = compiled("int4 draft", spinning=False, precision="int4")
     return models, notes
 
 
-def verification_cost(model, prompt: list[int], widths: list[int], repeats: int) -> dict[int, float]:
-    """Median ms of one run of ``width`` tokens at batch 1 after ``prompt`` (widths interleaved): what checking
-    ``width - 1`` guesses costs next to a plain decode step (width 1) on the same compiled session."""
-    import numpy as np
+def verification_cost(plain, speculative, prompt: list[int], widths: list[int]) -> tuple[float, dict[int, float]]:
+    """Median ms of one run at batch 1 after ``prompt``: of 1 token on the plain compile, and of ``width`` tokens on
+    the speculative one (what checking ``width - 1`` guesses costs), in blocks of consecutive steps interleaved round
+    by round (``benchmarks.spec_step_cost``)."""
+    from benchmarks.spec_step_cost import interleaved, primed, step_ms
 
-    from qgraph.runtime import prefill_rows
-
-    session = model._loaded_session()
-    session.reset(1)
-    prefill_rows(session, [prompt], 0)
-    start = len(prompt)
-    times: dict[int, list[float]] = {w: [] for w in widths}
-    for r in range(repeats + 1):
-        for w in widths if r % 2 else widths[::-1]:
-            ids = np.full((1, w), prompt[-1], dtype=np.int64)
-            pos = np.arange(start, start + w, dtype=np.int64)[None]
-            t0 = time.perf_counter()
-            session.run(ids, pos)
-            if r:  # the first round warms up every shape
-                times[w].append(1000 * (time.perf_counter() - t0))
-    return {w: statistics.median(t) for w, t in times.items()}
+    sessions = {"plain": primed(plain, prompt), "speculative": primed(speculative, prompt)}
+    start, token = len(prompt), prompt[-1]
+    runs = {"plain 1": lambda: step_ms(sessions["plain"], token, start, 1)}
+    runs |= {f"speculative {w}": (lambda w=w: step_ms(sessions["speculative"], token, start, w)) for w in widths}
+    medians = {name: stats["median"] for name, stats in interleaved(runs, rounds=10, block=12).items()}
+    return medians["plain 1"], {w: medians[f"speculative {w}"] for w in widths}
 
 
 # -- llama.cpp ---------------------------------------------------------------------------------------------------
@@ -312,7 +307,8 @@ def markdown(data: dict) -> str:
     if cost["speculative_compile"]:
         widths = cost["speculative_compile"]
         lines += [
-            "Cost of one run of the speculative compile at batch 1 by tokens per row (median ms, interleaved; plain "
+            "Cost of one run of the speculative compile at batch 1 by tokens per row (median ms, blocks of 12 steps "
+            "interleaved over 10 rounds; plain "
             f"compile, 1 token: {cost['plain_compile_width_1']:.2f} ms):",
             "",
             "| tokens per run | " + " | ".join(str(w) for w in widths) + " |",
@@ -409,11 +405,11 @@ def main(argv: list[str] | None = None) -> int:
             qgraph_runner(models["speculative"], tokenizer, args.new_tokens, prompt_lookup_num_tokens=lookup_tokens),
             baseline="qgraph",
         )
-    if "qgraph-int4-draft" in want and models.get("speculative") is not None and models.get("int4") is not None:
+    if "qgraph-int4-draft" in want and models.get("draft target") is not None and models.get("int4") is not None:
         variants["qgraph-int4-draft"] = Variant(
             "qgraph-int4-draft",
             qgraph_runner(
-                models["speculative"],
+                models["draft target"],
                 tokenizer,
                 args.new_tokens,
                 assistant_model=models["int4"],
@@ -470,8 +466,7 @@ def main(argv: list[str] | None = None) -> int:
         if models.get("speculative") is not None and "qgraph-lookup" in variants:
             first = next(iter(ids.values()))[0]
             widths = sorted({1, 2, 3, 5, args.k + 1} & set(range(1, args.k + 2)))
-            cost = verification_cost(models["speculative"], first, widths, repeats=30)
-            plain_cost = verification_cost(models["plain"], first, [1], repeats=30)[1]
+            plain_cost, cost = verification_cost(models["plain"], models["speculative"], first, widths)
     finally:
         if peer is not None:
             peer.close()

@@ -3,11 +3,13 @@
 A proposer serves the rows of a batch (a static group, or the continuous-batching engine's slots). The speculative
 loop (``qgraph.speculative``) tells it when a request starts in a row (``admit``), asks it for up to ``limit`` tokens
 for every active row at once (``propose``) and reports how many of them the target accepted (``feedback``). Whatever
-a proposer guesses, greedy output is the target's own: a wrong guess costs time, never a different token.
+a proposer guesses, greedy output is the target's own: a wrong guess costs time, never a different token. A proposer
+that prices its guesses may also take ``observe_run(width, seconds)``: the loop reports every run's time by width.
 
 - ``PromptLookup``: the tokens that followed the last occurrence of the sequence's last n tokens in the prompt and
-  the generated text (no second model; HF transformers' ``prompt_lookup_num_tokens``). It backs off when its guesses
-  keep failing, so text that does not copy from its input runs at plain decode speed.
+  the generated text (no second model; HF transformers' ``prompt_lookup_num_tokens``). It proposes as many as a cost
+  model says pay (none when none do) and backs off when its guesses keep failing, so text that does not copy from its
+  input runs at plain decode speed.
 - ``DraftModel``: a smaller (or quantized) qgraph-compiled model with the same tokenizer proposes greedily (or
   samples, with its distributions returned for speculative sampling); its own KV buffers are kept in step with the
   accepted tokens (HF transformers' ``assistant_model``).
@@ -16,13 +18,14 @@ a proposer guesses, greedy output is the target's own: a wrong guess costs time,
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from qgraph.errors import QGraphError
+from qgraph.run_costs import RunCosts
 from qgraph.runtime import PAD_POSITION, logits_positions, prefill_rows
 from qgraph.sampling import apply_repetition_penalty, sampling_probabilities
 
@@ -58,25 +61,88 @@ class Proposer(Protocol):
 # -- prompt lookup ----------------------------------------------------------------------------------------------
 
 
+PRIOR_ACCEPTED, PRIOR_REJECTED = 1.0, 1.0  # before any evidence: p = 0.5
+
+
+@dataclass
+class _Acceptance:
+    """Decayed counts of one kind of guess: guesses accepted, and verifications that rejected one. Under a geometric
+    model (each next guess right with probability ``p`` while the ones before it were) ``accepted / (accepted +
+    rejected)`` is the maximum-likelihood ``p``; the decay lets it follow text that starts or stops copying, and while
+    such guesses are not checked it relaxes toward the prior, so they are tried again now and then."""
+
+    accepted: float = PRIOR_ACCEPTED
+    rejected: float = PRIOR_REJECTED
+
+    @property
+    def rate(self) -> float:
+        return self.accepted / (self.accepted + self.rejected)
+
+    def update(self, proposed: int, accepted: int, decay: float) -> None:
+        self.accepted = decay * self.accepted + accepted
+        self.rejected = decay * self.rejected + (accepted < proposed)
+
+    def relax(self, decay: float) -> None:
+        self.accepted = decay * self.accepted + (1 - decay) * PRIOR_ACCEPTED
+        self.rejected = decay * self.rejected + (1 - decay) * PRIOR_REJECTED
+
+
 @dataclass
 class _LookupRow:
     misses: int = 0  # verifications in a row that accepted nothing
     pause: int = 0  # steps left without proposing (backing off after misses)
+    by_ngram: dict[int, _Acceptance] = field(default_factory=dict)  # acceptance by the length of the matched n-gram
+    last_ngram: int = 0  # the matched length of the row's last proposal
+
+
+def guesses_worth_checking(rate: float, limit: int, cost: Callable[[int], float]) -> int:
+    """The number of guesses ``n`` (0..limit) with the most expected tokens per unit of run time: a run checking
+    ``n`` guesses costs ``cost(n)`` one-token runs and, when each next guess is right with probability ``rate``,
+    yields ``1 + rate + ... + rate**n`` tokens. 0: no count beats a plain decode step."""
+    best, best_value, expected, power = 0, 1.0, 1.0, 1.0
+    for n in range(1, limit + 1):
+        power *= rate
+        expected += power
+        value = expected / cost(n)
+        if value > best_value:
+            best, best_value = n, value
+    return best
 
 
 class PromptLookup:
     """n-gram prompt lookup: match the last ``n`` tokens (``max_ngram`` down to ``min_ngram``) against everything
     before them, most recent occurrence first, and propose what followed it.
 
+    How many of the following tokens it proposes (at most ``num_tokens``, possibly none) comes from a cost model: the
+    row's recent acceptance of guesses after a match of that length (decayed by ``decay`` per verification) gives the
+    tokens a proposal of ``n`` is expected to yield, ``costs`` (``qgraph.run_costs.RunCosts``, learned from the
+    verification runs' own times) what its run costs next to a plain step; it proposes the ``n`` with the most
+    expected tokens per unit of time, nothing when no ``n`` beats a plain step. Text that copies its input gets long
+    proposals, text that does not gets few or none; unchecked estimates relax toward the prior, so guesses are tried
+    again now and then.
+
     Backing off: after a verification that accepted nothing the row pauses for ``2 ** misses`` steps (at most
-    ``max_pause``), so on text that does not repeat its input the loop spends almost every step as a plain decode.
+    ``max_pause``), so on text that does not repeat its input the loop spends almost every step as a plain decode;
+    an accepted guess ends the back-off.
     """
 
-    def __init__(self, num_tokens: int, max_ngram: int = 3, min_ngram: int = 1, max_pause: int = 16):
+    def __init__(
+        self,
+        num_tokens: int,
+        max_ngram: int = 3,
+        min_ngram: int = 1,
+        max_pause: int = 16,
+        decay: float = 0.8,
+        costs: RunCosts | None = None,
+    ):
         if min_ngram < 1 or max_ngram < min_ngram:
             raise QGraphError(f"prompt lookup n-gram sizes must satisfy 1 <= min <= max, got {min_ngram}..{max_ngram}")
+        if not 0 <= decay <= 1:
+            raise QGraphError(f"prompt lookup needs 0 <= decay <= 1, got {decay}")
         self.num_tokens = num_tokens
         self.max_ngram, self.min_ngram, self.max_pause = max_ngram, min_ngram, max_pause
+        self.decay = decay
+        self.costs = costs if costs is not None else RunCosts()
         self._rows: list[_LookupRow] = []
 
     def reset(self, rows: int) -> None:
@@ -84,6 +150,10 @@ class PromptLookup:
 
     def admit(self, row: int, request: Request) -> None:
         self._rows[row] = _LookupRow()
+
+    def observe_run(self, width: int, seconds: float) -> None:
+        """A verification (or plain) run fed ``width`` tokens per row at most and took ``seconds``."""
+        self.costs.observe(width, seconds)
 
     def propose(self, requests: Sequence[Request | None], limits: Sequence[int]) -> list[Proposal]:
         proposals = []
@@ -96,13 +166,25 @@ class PromptLookup:
                 state.pause -= 1
                 proposals.append(Proposal())
             else:
-                proposals.append(Proposal(lookup(request.context, limit, self.max_ngram, self.min_ngram)))
+                follow, ngram = match(request.context, limit, self.max_ngram, self.min_ngram)
+                if follow:
+                    acceptance = state.by_ngram.setdefault(ngram, _Acceptance())
+                    # sampled tokens depend on how many guesses each run checks: a seeded request repeats only if
+                    # its proposals do not depend on run times
+                    cost = self.costs.prior if request.options.sampling.do_sample else self.costs.relative
+                    follow = follow[: guesses_worth_checking(acceptance.rate, len(follow), cost)]
+                    if follow:
+                        state.last_ngram = ngram
+                    else:
+                        acceptance.relax(self.decay)
+                proposals.append(Proposal(follow))
         return proposals
 
     def feedback(self, row: int, proposed: int, accepted: int) -> None:
         state = self._rows[row]
         if proposed == 0:
             return
+        state.by_ngram.setdefault(state.last_ngram, _Acceptance()).update(proposed, accepted, self.decay)
         if accepted == 0:
             state.misses += 1
             state.pause = min(2**state.misses, self.max_pause)
@@ -113,6 +195,11 @@ class PromptLookup:
 def lookup(context: Sequence[int], limit: int, max_ngram: int = 3, min_ngram: int = 1) -> list[int]:
     """The up to ``limit`` tokens that followed the most recent earlier occurrence of the context's last ``n`` tokens
     (longest ``n`` first); empty when no n-gram recurs."""
+    return match(context, limit, max_ngram, min_ngram)[0]
+
+
+def match(context: Sequence[int], limit: int, max_ngram: int = 3, min_ngram: int = 1) -> tuple[list[int], int]:
+    """``lookup``'s tokens and the length ``n`` of the n-gram they follow (0: no match)."""
     tokens = np.asarray(context, dtype=np.int64)
     length = tokens.size
     for n in range(min(max_ngram, length - 1), min_ngram - 1, -1):
@@ -123,8 +210,8 @@ def lookup(context: Sequence[int], limit: int, max_ngram: int = 3, min_ngram: in
             if start + n <= length - 1 and np.array_equal(tokens[start : start + n], tail):
                 follow = tokens[start + n : start + n + limit]
                 if follow.size:
-                    return [int(t) for t in follow]
-    return []
+                    return [int(t) for t in follow], n
+    return [], 0
 
 
 # -- draft model ------------------------------------------------------------------------------------------------

@@ -140,7 +140,11 @@ def verify_step(
             fed = [r.generated[-1], *guesses[i]]
             ids[i, : len(fed)] = fed
             pos[i, : len(fed)] = np.arange(r.next_position, r.next_position + len(fed))
+    start = time.perf_counter()
     logits = session.run(ids, pos)
+    observe_run = getattr(proposer, "observe_run", None)  # a proposer that prices its guesses by run times
+    if observe_run is not None:
+        observe_run(1 + max(map(len, guesses)), time.perf_counter() - start)
     kept = logits_positions(session, logits)
     taken: list[tuple[Request, int]] = []
     proposed_any = False
@@ -216,6 +220,9 @@ class RequestProposers:
     def feedback(self, row: int, proposed: int, accepted: int) -> None:
         if self.chosen[row] is not None:
             self.chosen[row].feedback(row, proposed, accepted)
+
+    def observe_run(self, width: int, seconds: float) -> None:
+        self.lookup.observe_run(width, seconds)
 
     @property
     def device_seconds(self) -> float:

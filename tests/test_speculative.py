@@ -18,8 +18,9 @@ from transformers import AutoModelForCausalLM
 from qgraph import QEFFAutoModelForCausalLM
 from qgraph.decoding import GenerationOptions
 from qgraph.errors import QGraphError
-from qgraph.proposers import DraftModel, PromptLookup, Proposal, lookup
+from qgraph.proposers import DraftModel, PromptLookup, Proposal, guesses_worth_checking, lookup
 from qgraph.request import Request
+from qgraph.run_costs import RunCosts
 from qgraph.runtime import StepTimer
 from qgraph.speculative import speculative_batch_steps
 from tests.parity import LONG_PROMPT, hf_greedy
@@ -267,6 +268,102 @@ def test_prompt_lookup_backs_off_after_misses():
     assert proposed[0] > 0
     assert proposed[1:3] == [0, 0] and proposed[3] > 0
     assert proposed[4:8] == [0, 0, 0, 0] and proposed[8] > 0
+
+
+def _linear(per_guess: float):
+    return lambda n: 1.0 + per_guess * n
+
+
+def test_the_cost_model_checks_more_guesses_the_likelier_they_are_right():
+    counts = [guesses_worth_checking(rate, 8, _linear(0.04)) for rate in (0.0, 0.02, 0.1, 0.3, 0.5, 0.7, 0.9, 0.99)]
+    assert counts == sorted(counts)  # never fewer guesses for a higher acceptance rate
+    assert counts[:2] == [0, 0]  # guesses rarer than their cost: none, a plain step pays more
+    assert counts[2] == 1 and counts[-1] == 8  # barely worth it: one; almost surely right: all of them
+    assert guesses_worth_checking(0.5, 8, _linear(0.0)) == 8  # free guesses: as many as allowed
+    assert guesses_worth_checking(0.9, 8, _linear(1.0)) == 0  # a guess costing a whole step never pays
+    # the count it picks is the best of expected tokens / run cost, against a plain step (1 token for 1)
+    for rate in (0.2, 0.45, 0.8):
+        value = [1.0] + [sum(rate**j for j in range(n + 1)) / (1 + 0.04 * n) for n in range(1, 9)]
+        assert guesses_worth_checking(rate, 8, _linear(0.04)) == int(np.argmax(value))
+
+
+def test_run_costs_are_learned_from_run_times_with_a_prior_until_seen():
+    costs = RunCosts(prior_per_guess=0.1)
+    assert costs.relative(0) == 1.0 and costs.relative(3) == pytest.approx(1.3)  # nothing seen: the prior
+    for _ in range(50):
+        costs.observe(1, 0.020)
+        costs.observe(4, 0.030)
+    assert costs.relative(3) == pytest.approx(1.5)  # seen: 30 ms / 20 ms
+    assert costs.relative(6) == pytest.approx(1.6)  # width 7 not seen yet: the prior
+    costs.observe(2, 0.010)  # faster than one token (noise): never below a one-token run
+    assert costs.relative(1) == 1.0
+
+
+def _copying_request(length: int = 40) -> Request:
+    """A context whose last 3 tokens recur with ``length`` tokens after them: a lookup can propose 8."""
+    body = list(range(10, 10 + length))
+    request = Request([*body, *body[:2]], GenerationOptions(max_new_tokens=8), CTX + 40)
+    request.take(body[2])
+    return request
+
+
+def test_prompt_lookup_proposes_fewer_tokens_after_misses_and_more_after_matches():
+    proposer = PromptLookup(8, costs=RunCosts(prior_per_guess=0.08))
+    proposer.reset(1)
+    request = _copying_request()
+
+    def proposed() -> int:
+        return len(proposer.propose([request], [8])[0].tokens)
+
+    sizes = [proposed()]
+    assert 1 < sizes[0] < 8  # no evidence yet (prior rate 0.5): a few guesses, not all 8
+    for _ in range(5):  # every guess accepted: the proposals grow to all 8
+        proposer.feedback(0, sizes[-1], sizes[-1])
+        sizes.append(proposed())
+    assert sizes == sorted(sizes) and sizes[-1] == 8
+    size, silent, sizes = 8, [], []
+    for _ in range(5):  # misses: longer and longer stretches without proposing, then fewer and fewer guesses
+        proposer.feedback(0, size, 0)
+        steps = 0
+        while (size := proposed()) == 0:
+            steps += 1
+        silent.append(steps)
+        sizes.append(size)
+    assert silent == [2, 4, 8, 16, 16]  # paused 2 ** misses steps, at most 16
+    assert sizes == sorted(sizes, reverse=True) and sizes[-1] < 8
+    for _ in range(8):  # matches again: the proposals grow back
+        proposer.feedback(0, size, size)
+        size = proposed()
+    assert size == 8
+
+
+def test_prompt_lookup_acceptance_is_kept_by_match_length():
+    """Guesses after a 1-token match that keep failing stop; those after a 3-token match are unaffected."""
+    proposer = PromptLookup(8, max_pause=0, costs=RunCosts(prior_per_guess=0.08))
+    proposer.reset(1)
+    three_gram = _copying_request()
+    one_gram = Request([5, 6, 7, 8, 9, 10, 11, 12, 13, 14], GenerationOptions(max_new_tokens=8), CTX)
+    one_gram.take(5)  # only "5" recurs: a 1-token match, 9 tokens after it
+    fresh = len(proposer.propose([three_gram], [8])[0].tokens)
+    assert fresh == len(proposer.propose([one_gram], [8])[0].tokens)  # same prior for both lengths
+    for _ in range(10):  # misses after 1-token matches, until such guesses are not worth a run any more
+        guesses = proposer.propose([one_gram], [8])[0].tokens
+        if not guesses:
+            break
+        proposer.feedback(0, len(guesses), 0)
+    assert not guesses
+    assert len(proposer.propose([three_gram], [8])[0].tokens) == fresh
+
+
+def test_prompt_lookup_prices_guesses_by_the_runs_it_is_told_of():
+    """Seen runs where each extra token costs as much as a step: no guess pays; nearly free: all do."""
+    request = _copying_request()
+    for per_token, expected in ((1.0, 0), (0.001, 8)):
+        proposer = PromptLookup(8)
+        proposer.reset(1)
+        for width in range(1, 10):
+            proposer.observe_run(width, 0.02 * (1 + per_token * (width - 1)))
+        assert len(proposer.propose([request], [8])[0].tokens) == expected
 
 
 def test_draft_probabilities_are_returned_when_sampling(compiled, int4_draft, tokenizer):
