@@ -90,7 +90,7 @@ class OrtDecoderSession:
         """Start a generation. Buffers of the same batch size are reused without clearing (allocating and zeroing
         them is ~3 ms of every TTFT at ctx_len 256): a slot is only attended after this generation wrote it, and a
         stale slot enters ``probs @ V`` as ``0 * value``, harmless because every value a step writes is finite
-        (padding rows write zeros)."""
+        (padding rows write zeros, or the model's own values for the pad token)."""
         if not self._current or self._current[0].shape()[0] != batch_size:
             self._arrays, self._current = self._zeros(batch_size)
             self._next_arrays, self._next = (self._arrays, self._current) if self.in_place else self._zeros(batch_size)
@@ -116,12 +116,15 @@ class OrtDecoderSession:
         if self._binding is None:
             raise QGraphError("OrtDecoderSession.run before reset(batch_size)")
         width = input_ids.shape[1]
-        if width > self.ctx_len or position_ids.max(initial=-1) >= self.ctx_len:
+        last = int(position_ids.max(initial=-1))
+        if width > self.ctx_len or last >= self.ctx_len:
             raise QGraphError(
-                f"a run of {width} tokens up to position {position_ids.max(initial=-1)} does not fit ctx_len "
+                f"a run of {width} tokens up to position {last} does not fit ctx_len "
                 f"{self.ctx_len} (positions 0..{self.ctx_len - 1}); compile with a larger ctx_len"
             )
-        ids, pos = _without_trailing_padding(input_ids, position_ids)
+        # a decode step (one column) has nothing to trim: each numpy call between two runs costs tens of us on the
+        # caches the run has just flushed (benchmarks/int4_profile.py), a visible share of an ~8 ms int4 step
+        ids, pos = (input_ids, position_ids) if width == 1 else _without_trailing_padding(input_ids, position_ids)
         if self.rows_one_by_one and ids.shape[0] > 1 and ids.shape[1] > 1 and pos[:, 0].max() > 0:
             logits = self._run_rows(ids, pos)
         else:

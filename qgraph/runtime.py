@@ -164,22 +164,24 @@ def _group_steps(
     rows, taken, t1 = prefill_group(session, group, batch_size, pad_token_id, timer)
     try:
         yield taken
-        tokens = np.full(len(rows), pad_token_id, dtype=np.int64)
-        next_pos = np.full(len(rows), PAD_POSITION, dtype=np.int64)
-        for i, r in enumerate(group):
-            tokens[i], next_pos[i] = r.generated[-1], len(r.prompt_ids)
+        # plain lists, two numpy calls a step: each numpy call between two runs costs tens of microseconds on the
+        # caches the run has just flushed, a visible share of an ~8 ms int4 step (benchmarks/int4_profile.py)
+        dummies = [None] * (len(rows) - len(group))
+        tokens = [r.generated[-1] for r in group] + [pad_token_id] * len(dummies)
+        next_pos = [len(r.prompt_ids) for r in group] + [PAD_POSITION] * len(dummies)
         while True:
-            active = np.array([i < len(group) and not group[i].done for i in range(len(rows))])
-            if not active.any():
+            live = [r is not None and not r.done for r in (*group, *dummies)]
+            if not any(live):
                 break
-            ids = np.where(active, tokens, pad_token_id).astype(np.int64)[:, None]
-            pos = np.where(active, next_pos, PAD_POSITION).astype(np.int64)[:, None]
+            ids = np.array([[t if a else pad_token_id] for t, a in zip(tokens, live, strict=True)], dtype=np.int64)
+            pos = np.array([[p if a else PAD_POSITION] for p, a in zip(next_pos, live, strict=True)], dtype=np.int64)
             logits = session.run(ids, pos)
-            next_pos += 1
+            next_pos = [p + 1 for p in next_pos]
             taken = []
-            for i in np.flatnonzero(active):
-                tokens[i] = group[i].accept(logits[i, -1])
-                taken.append((group[i], int(tokens[i])))
+            for i, a in enumerate(live):
+                if a:
+                    tokens[i] = group[i].accept(logits[i, -1])
+                    taken.append((group[i], tokens[i]))
             yield taken
     finally:
         timer.decode_s += time.perf_counter() - t1
