@@ -21,6 +21,7 @@ import contextlib
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -257,9 +258,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=24, help="decode steps profiled (after the prefill)")
     parser.add_argument("--configs", default="default", help=f"qgraph int4 variants: {', '.join(CONFIGS['int4'])}")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--append-md", type=Path, help="append the table (with the command and date) to this file")
     parser.add_argument("--profiles", type=Path, help="keep ONNX Runtime's profile files in this directory")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    load_start = os.getloadavg()[0]
     model_dir = smollm2_dir()
     rows = prompt_rows(model_dir, args.batch, args.prompt_len)
     results = {}
@@ -272,14 +275,27 @@ def main(argv: list[str] | None = None) -> int:
                 model_dir, CONFIGS["int4"][config], rows, args.steps, Path(tmp)
             )
         results["genai int4"] = genai_profile(model_dir, rows, args.steps, Path(tmp))
+    command = " ".join(argv if argv is not None else sys.argv[1:])
     title = (
-        f"Decode step at batch {args.batch}, {args.prompt_len}-token prompt, 1 intra-op thread, median over "
-        f"{args.steps} steps (load {os.getloadavg()[0]:.1f})"
+        f"## Decode step at batch {args.batch}, {args.prompt_len}-token prompt, 1 intra-op thread, median over "
+        f"{args.steps} steps\n\n`python -m benchmarks.int4_profile {command}`"
+        f" ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average {load_start:.1f} at start, "
+        f"{os.getloadavg()[0]:.1f} at end)"
     )
-    text = markdown(results, title)
+    text = (
+        markdown(results, title)
+        + "\n"
+        + "".join(
+            f"- {name} graph nodes: "
+            + ", ".join(f"{op} {n}" for op, n in sorted(result["graph_nodes"].items(), key=lambda kv: -kv[1]))
+            + "\n"
+            for name, result in results.items()
+        )
+    )
     print(text)
-    for name, result in results.items():
-        print(name, "graph nodes:", dict(sorted(result["graph_nodes"].items(), key=lambda kv: -kv[1])))
+    if args.append_md:
+        with args.append_md.open("a") as out:
+            out.write(text + "\n")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return 0

@@ -2,9 +2,9 @@
 
 Why: whether checking ``n`` guesses pays depends on how much a run of ``n + 1`` tokens per row costs more than a
 plain decode step, and that depends on the machine, the backend, its threads (ORT's spinning threads make a one-token
-run ~8% cheaper here) and the model: measured on SmolLM2 with ORT CPU it ranged from 1.31x to 1.66x for 8 guesses
-under two thread settings (``benchmarks/results/spec-step-cost.md``). The speculative loop times every run by its
-width; until a width has been seen, a linear prior stands in for it.
+run ~8% cheaper here) and the model: measured on SmolLM2 with ORT CPU, 8 guesses cost 1.31x a one-token run with
+spinning off and 1.66x with it on (``benchmarks/results/spec-open-quiet.md``, ``spec-step-cost.md``). The speculative
+loop times every run by its width; until a width has been seen, a linear prior stands in for it.
 """
 
 from __future__ import annotations
