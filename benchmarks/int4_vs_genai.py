@@ -27,10 +27,9 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.models import bench_dir, smollm2_dir
-from benchmarks.report import RESULTS_DIR, write_results
-from benchmarks.workload import SETTINGS, machine_info, prompt_rows
+from benchmarks.report import RESULTS_DIR, run_header, run_record, write_results
+from benchmarks.workload import SETTINGS, prompt_rows
 
-ISA_PREFIXES = ("avx2", "avx512", "amx", "avx_vnni", "avxvnni", "fma", "f16c")
 CTX_LEN = 256
 GENAI = "onnxruntime-genai int4"
 # (setting, metric, better) reported per setting; prefill = the 128-token prompt's time to first token
@@ -41,13 +40,6 @@ METRICS = (
     ("b1p128", "ttft_ms", "lower"),
 )
 
-
-def isa_flags() -> list[str]:
-    """The CPU's vector ISA flags that MatMulNBits' kernels dispatch on (from /proc/cpuinfo)."""
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("flags"):
-            return sorted(f for f in line.split(":", 1)[1].split() if f.startswith(ISA_PREFIXES))
-    return []
 
 
 def genai_model(model_dir: Path, threads: int) -> Path:
@@ -230,15 +222,12 @@ def _table(result: dict, summary: dict, metrics, headers: list[str]) -> list[str
 
 
 def markdown(result: dict) -> str:
-    machine = result["machine"]
     lines = [
         "# int4 decode and prefill: qgraph vs onnxruntime-genai, same run",
         "",
         f"Command: `{result['command']}`  ",
-        f"Date: {result['date']}; CPU: {machine['cpu']}, {machine['logical_cores']} cores; ISA flags: "
-        f"{' '.join(result['isa_flags']) or 'none found'}; load average {result['load_start'][0]:.1f} at start, "
-        f"{result['load_end'][0]:.1f} at end (other engineers share the cores: wall-clock numbers are contended; "
-        "the ratios are per round).  ",
+        run_header(result) + " (much above the benchmark's own 2 threads means other work shared the cores; the "
+        "ratios are per round).  ",
         f"SmolLM2-135M-Instruct, {result['new_tokens']} greedy tokens per generation (EOS does not stop), ctx_len "
         f"{CTX_LEN}; 1 warm-up round + {result['rounds']} rounds, variants interleaved; median (min-max), and "
         "**the median of the per-round ratio to onnxruntime-genai int4**.",
@@ -330,12 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         runs_cpu = measure(variants, prompts, args.rounds)
         del variants
     result = {
-        "command": "python -m benchmarks.int4_vs_genai " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": machine_info(),
-        "isa_flags": isa_flags(),
-        "load_start": load_start,
-        "load_end": os.getloadavg(),
+        **run_record("benchmarks.int4_vs_genai", argv, load_start),
         "rounds": args.rounds,
         "new_tokens": args.new_tokens,
         "threads": args.threads,

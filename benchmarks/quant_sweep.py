@@ -18,13 +18,12 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
-from benchmarks.int4_vs_genai import isa_flags, measure
+from benchmarks.int4_vs_genai import measure
 from benchmarks.models import smollm2_dir
-from benchmarks.report import RESULTS_DIR, write_results
-from benchmarks.workload import SETTINGS, machine_info, prompt_rows
+from benchmarks.report import RESULTS_DIR, run_header, run_record, write_results
+from benchmarks.workload import SETTINGS, prompt_rows
 from qgraph.pipelines import QUANTIZATION_DEFAULTS
 
 CACHE_DIR = Path.home() / ".cache" / "qgraph"
@@ -122,14 +121,12 @@ SPEED_METRICS = (("b1p16", "decode_ms_per_token"), ("b8p16", "decode_tok_s"), ("
 
 
 def markdown(result: dict) -> str:
-    machine = result["machine"]
     lines = [
         "# quantize-weights sweep: quality and speed of each configuration (SmolLM2-135M-Instruct)",
         "",
         f"Command: `{result['command']}`  ",
-        f"Date: {result['date']}; CPU: {machine['cpu']}, {machine['logical_cores']} cores; ISA flags: "
-        f"{' '.join(result['isa_flags'])}; load average {result['load_start'][0]:.1f} at start, "
-        f"{result['load_end'][0]:.1f} at end (shared machine: speed is contended; the x columns are per-round "
+        run_header(result) + " (much above the benchmark's own threads means other work shared the cores; the x "
+        "columns are per-round "
         "ratios to the precision's first row).  ",
         f"Perplexity: {result.get('quality_method', 'not measured')}.",
         "",
@@ -183,14 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     chosen = args.configs.split(",") if args.configs else None
-    result = {
-        "command": "python -m benchmarks.quant_sweep " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": machine_info(),
-        "isa_flags": isa_flags(),
-        "load_start": os.getloadavg(),
-        "precisions": {},
-    }
+    result = {**run_record("benchmarks.quant_sweep", argv, os.getloadavg()), "precisions": {}}
     for precision in args.precisions.split(","):
         configs = {n: o for n, o in CONFIGS[precision].items() if chosen is None or n in chosen}
         rows = {"configs": configs, "quality": {}, "speed": {}}

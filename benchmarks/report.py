@@ -4,10 +4,36 @@ acceptance checks, the Markdown table and the plot."""
 from __future__ import annotations
 
 import json
+import os
 import statistics
+import sys
+import time
 from pathlib import Path
 
-from benchmarks.workload import SETTINGS
+from benchmarks.workload import SETTINGS, isa_flags, machine_info
+
+
+def run_record(module: str, argv: list[str] | None, load_start: tuple[float, ...]) -> dict:
+    """What a benchmark's result starts with: the command that reproduces it, when, on which CPU (its ISA flags
+    choose the kernels) and the load average at start and now (how quiet the cores were)."""
+    return {
+        "command": f"python -m {module} " + " ".join(sys.argv[1:] if argv is None else argv),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": machine_info(),
+        "isa_flags": isa_flags(),
+        "load_start": load_start,
+        "load_end": os.getloadavg(),
+    }
+
+
+def run_header(result: dict) -> str:
+    """The Markdown line saying when, on what and under which load a ``run_record`` result was measured."""
+    machine = result["machine"]
+    return (
+        f"Date: {result['date']}; CPU: {machine['cpu']}, {machine['logical_cores']} cores; ISA flags: "
+        f"{' '.join(result['isa_flags']) or 'none found'}; load average {result['load_start'][0]:.1f} at start, "
+        f"{result['load_end'][0]:.1f} at end"
+    )
 
 
 def merge(a: dict | None, b: dict) -> dict:

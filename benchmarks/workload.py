@@ -44,6 +44,17 @@ def prompt_rows(model_dir: Path, batch: int, length: int) -> list[list[int]]:
     return rows
 
 
+ISA_PREFIXES = ("avx2", "avx512", "amx", "avx_vnni", "avxvnni", "fma", "f16c")
+
+
+def isa_flags() -> list[str]:
+    """The CPU's vector ISA flags that MatMulNBits' kernels dispatch on (from /proc/cpuinfo)."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            return sorted(f for f in line.split(":", 1)[1].split() if f.startswith(ISA_PREFIXES))
+    return []
+
+
 def machine_info() -> dict:
     cpu = ""
     try:

@@ -27,9 +27,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from benchmarks.int4_vs_genai import isa_flags
-from benchmarks.report import RESULTS_DIR, write_results
-from benchmarks.workload import machine_info
+from benchmarks.report import RESULTS_DIR, run_header, run_record, write_results
 from qgraph.graph_utils import initializer_value
 from qgraph.passes.quantize_weights import QuantizeWeights
 
@@ -82,14 +80,11 @@ def cpu_us_per_run(sess, x: np.ndarray, runs: int) -> float:
 
 
 def markdown(result: dict) -> str:
-    machine = result["machine"]
     lines = [
         "# MatMulNBits 4-bit: integer, split and float zero points (CPU time per run, one thread)",
         "",
         f"Command: `{result['command']}`  ",
-        f"Date: {result['date']}; CPU: {machine['cpu']}, {machine['logical_cores']} cores; ISA flags: "
-        f"{' '.join(result['isa_flags'])}; load average {result['load_start'][0]:.1f} at start, "
-        f"{result['load_end'][0]:.1f} at end.  ",
+        run_header(result) + ".  ",
         f"A chain of {result['pairs']} x (576 -> 1536 -> 576) MatMulNBits (blocks of 32, `accuracy_level` 4), input "
         f"[M, 1, 576]; {result['runs']} runs per measurement, {result['rounds']} rounds after a warm-up, variants "
         "interleaved; median CPU µs per run of the calling thread, per MatMul, and the median per-round ratio to "
@@ -137,12 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                         result_variants[name]["runs"][str(m)].append(value)
             print(f"round {round_index}/{args.rounds} (load {os.getloadavg()[0]:.1f})", file=sys.stderr)
     result = {
-        "command": "python -m benchmarks.zero_points " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": machine_info(),
-        "isa_flags": isa_flags(),
-        "load_start": load_start,
-        "load_end": os.getloadavg(),
+        **run_record("benchmarks.zero_points", argv, load_start),
         "pairs": args.pairs,
         "rounds": args.rounds,
         "runs": args.runs,
