@@ -29,12 +29,12 @@ Contract (the runtime's, stated in ``qgraph.runtime``): in one run a row's real 
 starting at its first column; padding (-1) only follows them. GQA derives positions from ``seqlens_k``: each row is
 given ``seqlens_k = start + s - 1`` where ``start`` is its first position (a row of padding only takes the batch's
 largest start), clamped so the write stays inside ``ctx_len``. So a chunk's padding columns are written to slots after
-the row's last token, which every later query writes itself before attending to it. Padding columns and rows are
-not zeroed: their K/V are the model's own (finite) values for the pad token, and a slot GQA reads with probability 0
-enters ``probs @ V`` as ``0 * value``, harmless for any finite value (a per-layer ``Where`` zeroing them cost ~2 % of
-an int4 decode step, ``benchmarks/int4_profile.py``). GQA updates ``past_*`` in place when the session binds each
-past/present pair to one buffer (the ORT backend does); otherwise it copies. Logits of real tokens equal the unfused
-graph's.
+the row's last token, which every later query writes itself before attending to it; the padding rows' q/k/v are zeroed
+so nothing non-finite enters ``probs @ V`` (a slot read with probability 0 still adds ``0 * value``). Dropping this
+per-layer ``Where`` (~2 % of an int4 decode step) was tried and broke Helium's batch of two in
+``tests/test_architectures.py`` (the padded row decoded token 0 throughout): padding K/V need not be finite. GQA
+updates ``past_*`` in place when the session binds each past/present
+pair to one buffer (the ORT backend does); otherwise it copies. Logits of real tokens equal the unfused graph's.
 
 Graph inputs/outputs unchanged; ``com.microsoft`` added to the opset imports. Idempotent (no scatter left to match).
 """
@@ -243,7 +243,7 @@ class GroupQueryAttentionFusion(GraphPass):
 
     @staticmethod
     def _lengths(graph: ir.Graph, position_ids: ir.Value, input_ids: ir.Value, ctx_len: int) -> dict[str, ir.Value]:
-        """GQA's ``seqlens_k`` [b] / ``total_sequence_length`` [] (int32) from the positions."""
+        """GQA's ``seqlens_k`` [b] / ``total_sequence_length`` [] (int32) and ``real`` [b, s, 1] from the positions."""
         nodes: list[ir.Node] = []
 
         def add(op: str, inputs: list[ir.Value], **attrs) -> ir.Value:
@@ -265,21 +265,33 @@ class GroupQueryAttentionFusion(GraphPass):
         seqlens_k = add("Cast", [add("Reshape", [seqlens, constant([-1], np.int64)])], to=ir.DataType.INT32)
         total = add("Cast", [add("Add", [add("ReduceMax", [seqlens], keepdims=0), one])], to=ir.DataType.INT32)
         total = add("Reshape", [total, constant([], np.int64)])  # scalar
-        for value, name in ((seqlens_k, "gqa_seqlens_k"), (total, "gqa_total_sequence_length")):
+        real = add("Unsqueeze", [add("GreaterOrEqual", [position_ids, zero]), constant([2], np.int64)])
+        for value, name in ((seqlens_k, "gqa_seqlens_k"), (total, "gqa_total_sequence_length"), (real, "gqa_real")):
             value.name = name
         prepend(graph, nodes)
-        return {"seqlens_k": seqlens_k, "total": total}
+        return {"seqlens_k": seqlens_k, "total": total, "real": real}
 
     def _inputs(
-        self, attn: _Attention, flat: ir.Value, new_nodes: list[ir.Node]
+        self, attn: _Attention, real: ir.Value, flat: ir.Value, new_nodes: list[ir.Node]
     ) -> tuple[list[ir.Value | None], ir.Value | None, ir.Value | None]:
-        """GQA's query/key/value (key and value None when packed) and rotary cos/sin tables (None: no rotary)."""
+        """GQA's query/key/value (key and value None when packed) and rotary cos/sin tables (None: no rotary).
+
+        K and V (all of a packed QKV) are zeroed on padding rows, whose slots GQA may read as ``0 * value``."""
         query, key, cos, sin = self._unrotated(attn.query, attn.key)
+        zero = const(np.zeros((), dtype=(attn.value.dtype or ir.DataType.FLOAT).numpy()))
+        new_nodes.append(zero)
+
+        def zeroed(x: ir.Value) -> ir.Value:
+            new_nodes.append(ir.node("Where", [real, x, zero.outputs[0]]))
+            return new_nodes[-1].outputs[0]
+
         packed = self._packed((query, key, attn.value), attn.heads, attn.kv_heads)
         if packed is not None:
-            return [packed, None, None], cos, sin
-        parts = (query, key, attn.value)
-        return [self._as_rows(x, new_nodes, flat) for x in parts], cos, sin
+            return [zeroed(packed), None, None], cos, sin
+        q = self._as_rows(query, new_nodes, flat)
+        k = zeroed(self._as_rows(key, new_nodes, flat))
+        v = zeroed(self._as_rows(attn.value, new_nodes, flat))
+        return [q, k, v], cos, sin
 
     def call(self, model: ir.Model) -> CountedResult:
         graph = model.graph
@@ -306,7 +318,7 @@ class GroupQueryAttentionFusion(GraphPass):
         packed_count = rotary_count = 0
         for attn in matches:
             new_nodes: list[ir.Node] = []
-            qkv, cos, sin = self._inputs(attn, flat.outputs[0], new_nodes)
+            qkv, cos, sin = self._inputs(attn, lengths["real"], flat.outputs[0], new_nodes)
             packed_count += qkv[1] is None
             rotary = cos is not None
             rotary_count += rotary
