@@ -90,7 +90,7 @@ class OrtDecoderSession:
         """Start a generation. Buffers of the same batch size are reused without clearing (allocating and zeroing
         them is ~3 ms of every TTFT at ctx_len 256): a slot is only attended after this generation wrote it, and a
         stale slot enters ``probs @ V`` as ``0 * value``, harmless because every value a step writes is finite
-        (padding rows write zeros, or the model's own values for the pad token)."""
+        (padding rows write zeros)."""
         if not self._current or self._current[0].shape()[0] != batch_size:
             self._arrays, self._current = self._zeros(batch_size)
             self._next_arrays, self._next = (self._arrays, self._current) if self.in_place else self._zeros(batch_size)
