@@ -166,11 +166,11 @@ def _group_steps(
         yield taken
         # plain lists, two numpy calls a step: each numpy call between two runs costs tens of microseconds on the
         # caches the run has just flushed, a visible share of an ~8 ms int4 step (benchmarks/int4_profile.py)
-        dummies = [None] * (len(rows) - len(group))
-        tokens = [r.generated[-1] for r in group] + [pad_token_id] * len(dummies)
-        next_pos = [len(r.prompt_ids) for r in group] + [PAD_POSITION] * len(dummies)
+        dummies = len(rows) - len(group)
+        tokens = [r.generated[-1] for r in group] + [pad_token_id] * dummies
+        next_pos = [len(r.prompt_ids) for r in group] + [PAD_POSITION] * dummies
         while True:
-            live = [r is not None and not r.done for r in (*group, *dummies)]
+            live = [not r.done for r in group] + [False] * dummies
             if not any(live):
                 break
             ids = np.array([[t if a else pad_token_id] for t, a in zip(tokens, live, strict=True)], dtype=np.int64)
