@@ -6,8 +6,12 @@ as both the input and the output of that node: ORT's ScatterElements/ScatterND s
 the two are the same memory, and GroupQueryAttention then writes into the shared buffer, so a step writes only the new
 K/V rows in place (no per-token copy of the whole cache, half the memory).
 Otherwise two sets of OrtValues are allocated per generation and swapped after each run (the outputs of step n are
-bound as the inputs of step n+1). The IOBinding is built once per generation; a step rebinds only the token and
-position arrays.
+bound as the inputs of step n+1): two IOBindings, one per direction, built once per generation.
+
+A decode step costs the host as little as it can (it is a visible share of a ~5 ms int4 step): the token and
+position arrays and the logits buffer of each run shape are allocated once, bound once (on the CPU provider, where ORT
+reads a bound input's memory at run time), and rewritten in place; ``run_transient`` hands out the logits buffer itself
+instead of a copy.
 """
 
 from __future__ import annotations
@@ -63,6 +67,11 @@ class OrtDecoderSession:
         self.vocab_size = logits.shape[-1] if isinstance(logits.shape[-1], int) else None
         self.logits_dtype = _numpy_dtype(logits.type)
         self._logits_buffers: dict[tuple[int, int], tuple[np.ndarray, Any]] = {}
+        # the token and position arrays of each run shape, with their OrtValues (sharing the arrays' memory)
+        self._feeds: dict[tuple[int, int], _Feed] = {}
+        # ORT reads a bound CPU input's memory at run time but copies it at bind time for a device: there a run
+        # rebinds its inputs
+        self._inputs_read_at_run = self.session.get_providers() == ["CPUExecutionProvider"]
         facts = facts or graph_facts(model_path)  # recorded at compile: reading the graph again costs memory
         # logits layout (qgraph.runtime.row_logits): None = every column; n = the last min(s, n) tokens of each row
         # (last-token-logits: 1, or k + 1 for speculative verification)
@@ -77,7 +86,8 @@ class OrtDecoderSession:
         self._next_arrays: list[np.ndarray] = []
         self._current: list = []
         self._next: list = []
-        self._binding = None
+        self._binding: _Binding | None = None
+        self._bindings: tuple[_Binding, _Binding] | None = None  # ping-pong: this run's, the next run's
 
     def _zeros(self, batch_size: int) -> tuple[list[np.ndarray], list]:
         arrays = []
@@ -94,14 +104,18 @@ class OrtDecoderSession:
         if not self._current or self._current[0].shape()[0] != batch_size:
             self._arrays, self._current = self._zeros(batch_size)
             self._next_arrays, self._next = (self._arrays, self._current) if self.in_place else self._zeros(batch_size)
-        self._binding = self._bind(list(zip(self._current, self._next, strict=True)))
+        self._binding = _Binding(self._bind(list(zip(self._current, self._next, strict=True))))
+        self._bindings = None
+        if not self.in_place:
+            self._bindings = (self._binding, _Binding(self._bind(list(zip(self._next, self._current, strict=True)))))
         self.device_seconds = 0.0
 
     def _swap(self) -> None:
         """Ping-pong: this run's outputs are the next run's inputs."""
         self._current, self._next = self._next, self._current
         self._arrays, self._next_arrays = self._next_arrays, self._arrays
-        self._binding = self._bind(list(zip(self._current, self._next, strict=True)))
+        self._bindings = self._bindings[1], self._bindings[0]
+        self._binding = self._bindings[0]
 
     def _bind(self, state: list[tuple[Any, Any]]):
         binding = self.session.io_binding()
@@ -113,6 +127,14 @@ class OrtDecoderSession:
 
     def run(self, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
         """Trailing columns that are padding in every row are not run (their logits are zeros)."""
+        return self._checked_run(input_ids, position_ids, copy=True)
+
+    def run_transient(self, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        """``run`` whose logits may be the session's own buffer, rewritten by the next run: for a caller that reads
+        them before running again (a decode loop), it saves copying ``[b, s, V]`` floats every step."""
+        return self._checked_run(input_ids, position_ids, copy=False)
+
+    def _checked_run(self, input_ids: np.ndarray, position_ids: np.ndarray, copy: bool) -> np.ndarray:
         if self._binding is None:
             raise QGraphError("OrtDecoderSession.run before reset(batch_size)")
         width = input_ids.shape[1]
@@ -128,27 +150,35 @@ class OrtDecoderSession:
         if self.rows_one_by_one and ids.shape[0] > 1 and ids.shape[1] > 1 and pos[:, 0].max() > 0:
             logits = self._run_rows(ids, pos)
         else:
-            logits = self._run(self._binding, ids, pos)
+            logits = self._run(self._binding, ids, pos, copy)
         if not self.in_place:
             self._swap()
         if self.logits_positions is None and logits.shape[1] < width:
             logits = np.pad(logits, ((0, 0), (0, width - logits.shape[1]), (0, 0)))
         return logits
 
-    def _run(self, binding, ids: np.ndarray, pos: np.ndarray) -> np.ndarray:
-        binding.bind_cpu_input(contract.INPUT_IDS, np.ascontiguousarray(ids, dtype=np.int64))
-        binding.bind_cpu_input(contract.POSITION_IDS, np.ascontiguousarray(pos, dtype=np.int64))
-        buffer = self._logits_buffer(*ids.shape)
-        if buffer is None:
-            binding.bind_output(self.logits_name, "cpu")  # rebinding keeps its slot; last run's buffer is not reused
-        else:
-            binding.bind_ortvalue_output(self.logits_name, buffer[1])
+    def _run(self, binding: _Binding, ids: np.ndarray, pos: np.ndarray, copy: bool = True) -> np.ndarray:
+        shape = ids.shape
+        feed = self._feeds.get(shape)
+        if feed is None:
+            feed = self._feeds[shape] = _Feed.allocate(self._ort, shape)
+        feed.ids[...] = ids
+        feed.positions[...] = pos
+        if binding.shape != shape or not self._inputs_read_at_run:
+            binding.binding.bind_ortvalue_input(contract.INPUT_IDS, feed.ids_value)
+            binding.binding.bind_ortvalue_input(contract.POSITION_IDS, feed.positions_value)
+            binding.logits = self._logits_buffer(*shape)
+            if binding.logits is not None:
+                binding.binding.bind_ortvalue_output(self.logits_name, binding.logits[1])
+            binding.shape = shape
+        if binding.logits is None:  # ORT allocates the output (rebinding keeps its slot)
+            binding.binding.bind_output(self.logits_name, "cpu")
         start = time.perf_counter()
-        self.session.run_with_iobinding(binding)
+        self.session.run_with_iobinding(binding.binding)
         self.device_seconds += time.perf_counter() - start
-        if buffer is not None:  # a copy: the caller may keep it past the next run, which rewrites the buffer
-            return buffer[0].astype(np.float32, copy=True)
-        return binding.get_outputs()[0].numpy().astype(np.float32, copy=False)
+        if binding.logits is not None:  # copied unless asked not to: the next run rewrites the buffer
+            return binding.logits[0].astype(np.float32, copy=copy)
+        return binding.binding.get_outputs()[0].numpy().astype(np.float32, copy=False)
 
     def _logits_buffer(self, batch: int, width: int) -> tuple[np.ndarray, Any] | None:
         """A reused logits buffer when the output shape is known ahead: ``get_outputs`` wraps every output (all the
@@ -172,7 +202,7 @@ class OrtDecoderSession:
         scratch = None if self.in_place else [np.empty_like(a[row : row + 1]) for a in self._arrays]
         following = current if scratch is None else [view(a) for a in scratch]
         ids, pos = _without_trailing_padding(input_ids, position_ids)
-        logits = self._run(self._bind(list(zip(current, following, strict=True))), ids, pos)
+        logits = self._run(_Binding(self._bind(list(zip(current, following, strict=True)))), ids, pos)
         for array, new in zip(self._arrays, scratch or [], strict=False):
             array[row] = new[0]
         if self.logits_positions is None and logits.shape[1] < input_ids.shape[1]:
@@ -191,7 +221,7 @@ class OrtDecoderSession:
                         b[row] = a[row]
                 continue
             following = current if self.in_place else [view(a[row : row + 1]) for a in self._next_arrays]
-            binding = self._bind(list(zip(current, following, strict=True)))
+            binding = _Binding(self._bind(list(zip(current, following, strict=True))))
             row_ids, row_pos = _without_trailing_padding(ids[row : row + 1], pos[row : row + 1])
             rows[row] = self._run(binding, row_ids, row_pos)[0]
         some = next(iter(rows.values()))
@@ -204,6 +234,30 @@ class OrtDecoderSession:
             else:  # each row's last valid token last (a row's own run may be narrower)
                 logits[row, length - values.shape[0] :] = values
         return logits
+
+
+@dataclasses.dataclass
+class _Binding:
+    """An IOBinding and the run shape its token, position and logits OrtValues are bound for (None: none yet)."""
+
+    binding: Any
+    shape: tuple[int, ...] | None = None
+    logits: tuple[np.ndarray, Any] | None = None  # the bound logits buffer and its OrtValue (None: ORT allocates)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Feed:
+    """The token and position arrays of one run shape and the OrtValues over their memory."""
+
+    ids: np.ndarray
+    positions: np.ndarray
+    ids_value: Any
+    positions_value: Any
+
+    @classmethod
+    def allocate(cls, ort, shape: tuple[int, ...]) -> _Feed:
+        ids, positions = np.zeros(shape, np.int64), np.zeros(shape, np.int64)
+        return cls(ids, positions, ort.OrtValue.ortvalue_from_numpy(ids), ort.OrtValue.ortvalue_from_numpy(positions))
 
 
 def _without_trailing_padding(ids: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

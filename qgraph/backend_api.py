@@ -145,6 +145,8 @@ class DecoderSession(Protocol):
         """Feed ``[b, s]`` tokens at ``[b, s]`` positions (-1 = padding); return float32 logits.
 
         ``[b, s, V]``, or ``[b, 1, V]`` holding each row's last valid token only (the ``last-token-logits`` pass).
+        The caller may keep them; a session may also offer ``run_transient`` (same arguments), whose logits are only
+        valid until its next run (``qgraph.runtime.transient_run``: decode loops use it to skip a copy a step).
         """
 
 

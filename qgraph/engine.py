@@ -33,7 +33,7 @@ import numpy as np
 from qgraph.backend_api import DecoderSession
 from qgraph.errors import QGraphError
 from qgraph.request import FINISH_CANCELLED, Request, RequestTimes
-from qgraph.runtime import PAD_POSITION, StepTimer, StreamEvent, prefill_rows
+from qgraph.runtime import PAD_POSITION, StepTimer, StreamEvent, prefill_rows, transient_run
 from qgraph.speculative import (
     RequestProposers,
     check_speculation,
@@ -332,7 +332,7 @@ class Engine:
         pos = np.full((self.slots, 1), PAD_POSITION, dtype=np.int64)
         for index, slot in self._active.items():
             ids[index, 0], pos[index, 0] = slot.handle.request.generated[-1], slot.position
-        logits = self.session.run(ids, pos)
+        logits = transient_run(self.session)(ids, pos)  # read before the next run
         share = (self.session.device_seconds - device) / len(self._active)
         for index, slot in list(self._active.items()):
             slot.position += 1

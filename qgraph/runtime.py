@@ -158,30 +158,42 @@ def prefill_group(
     return rows, taken, t1
 
 
+def transient_run(session: DecoderSession) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """The session's run for a loop that reads each run's logits before the next one: ``run_transient`` where the
+    session has it (its logits may be a buffer the next run rewrites, not a copy), else ``run``."""
+    return getattr(session, "run_transient", session.run)
+
+
 def _group_steps(
     session: DecoderSession, group: list[Request], batch_size: int, pad_token_id: int, timer: StepTimer
 ) -> Iterator[list[tuple[Request, int]]]:
     rows, taken, t1 = prefill_group(session, group, batch_size, pad_token_id, timer)
     try:
         yield taken
-        # plain lists, two numpy calls a step: each numpy call between two runs costs tens of microseconds on the
-        # caches the run has just flushed, a visible share of an ~8 ms int4 step (benchmarks/int4_profile.py)
-        dummies = len(rows) - len(group)
-        tokens = [r.generated[-1] for r in group] + [pad_token_id] * dummies
-        next_pos = [len(r.prompt_ids) for r in group] + [PAD_POSITION] * dummies
-        while True:
-            live = [not r.done for r in group] + [False] * dummies
-            if not any(live):
-                break
-            ids = np.array([[t if a else pad_token_id] for t, a in zip(tokens, live, strict=True)], dtype=np.int64)
-            pos = np.array([[p if a else PAD_POSITION] for p, a in zip(next_pos, live, strict=True)], dtype=np.int64)
-            logits = session.run(ids, pos)
-            next_pos = [p + 1 for p in next_pos]
-            taken = []
-            for i, a in enumerate(live):
-                if a:
-                    tokens[i] = group[i].accept(logits[i, -1])
-                    taken.append((group[i], tokens[i]))
+        # the step's inputs are updated in place, element by element, and a finished row becomes padding: every
+        # numpy call between two runs costs tens of microseconds on the caches the run has just flushed, a visible
+        # share of a ~5 ms int4 step (benchmarks/step_overhead.py)
+        ids = np.full((len(rows), 1), pad_token_id, dtype=np.int64)
+        pos = np.full((len(rows), 1), PAD_POSITION, dtype=np.int64)
+        live = []
+        for i, r in enumerate(group):
+            if not r.done:
+                ids[i, 0], pos[i, 0] = r.generated[-1], len(r.prompt_ids)
+                live.append((i, r))
+        run = transient_run(session)
+        while live:
+            logits = run(ids, pos)
+            taken, ended = [], False
+            for i, r in live:
+                token = r.accept(logits[i, -1])
+                taken.append((r, token))
+                if r.done:
+                    ids[i, 0], pos[i, 0], ended = pad_token_id, PAD_POSITION, True
+                else:
+                    ids[i, 0] = token
+                    pos[i, 0] += 1
+            if ended:
+                live = [(i, r) for i, r in live if not r.done]
             yield taken
     finally:
         timer.decode_s += time.perf_counter() - t1

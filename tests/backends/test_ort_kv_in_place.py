@@ -95,3 +95,23 @@ def test_all_padding_columns_change_nothing(compiled):
     np.testing.assert_array_equal(padded.run(ids, pos), trimmed.run(ids[:, :2], pos[:, :2]))
     step_ids, step_pos = np.array([[11], [12]]), np.array([[2], [1]])
     np.testing.assert_array_equal(padded.run(step_ids, step_pos), trimmed.run(step_ids, step_pos))
+
+
+def test_run_logits_are_the_callers_and_run_transient_gives_the_same(compiled):
+    """``run``'s logits stay as they were after later runs (prefill keeps a chunk's rows across the next chunks);
+    ``run_transient`` (the decode loop's, no copy) gives the same logits, and its inputs, bound once and rewritten in
+    place, are read anew at each run."""
+    session = compiled.artifact.load()
+    session.reset(2)
+    prompt_ids, prompt_pos = np.array([[5, 9], [7, 3]]), np.array([[0, 1], [0, 1]])
+    kept = session.run(prompt_ids, prompt_pos)
+    before = kept.copy()
+    steps = [(np.array([[11], [12]]), np.array([[2], [2]])), (np.array([[4], [8]]), np.array([[3], [3]]))]
+    transient = [session.run_transient(ids, pos)[:, -1].copy() for ids, pos in steps]
+    np.testing.assert_array_equal(kept, before)
+    reference = compiled.artifact.load()
+    reference.reset(2)
+    reference.run(prompt_ids, prompt_pos)
+    for (ids, pos), logits in zip(steps, transient, strict=True):
+        np.testing.assert_array_equal(logits, reference.run(ids, pos)[:, -1])
+    assert not np.array_equal(transient[0], transient[1]), "each step's own tokens, not the first step's"
