@@ -189,3 +189,21 @@ def test_a_stream_left_early_frees_the_model(byte_level):
     next(stream)
     stream.close()
     assert len(qg.generate(tok, [PROMPT], max_new_tokens=3, verbose=False).generated_ids[0]) == 3
+
+
+def test_without_stop_strings_the_text_is_decoded_when_read_not_at_every_token(byte_level):
+    """A non-streamed request without stop strings decodes its tokens once, at the end, to the same text."""
+    tok, _, _ = byte_level
+    decoded: list[int] = []
+
+    class CountingTokenizer:
+        def decode(self, ids, **options):
+            decoded.append(len(ids))
+            return tok.decode(ids, **options)
+
+    ids = tok(MULTIBYTE)["input_ids"]
+    tracker = TextTracker(CountingTokenizer())
+    assert not any(tracker.add(token) for token in ids)
+    assert decoded == []
+    assert tracker.final_text == tracker.text == MULTIBYTE
+    assert decoded == [len(ids)]
