@@ -176,8 +176,9 @@ class OrtDecoderSession:
         start = time.perf_counter()
         self.session.run_with_iobinding(binding.binding)
         self.device_seconds += time.perf_counter() - start
-        if binding.logits is not None:  # copied unless asked not to: the next run rewrites the buffer
-            return binding.logits[0].astype(np.float32, copy=copy)
+        if binding.logits is not None:  # copied unless asked not to (the next run rewrites the buffer); float32
+            logits = binding.logits[0]
+            return logits.astype(np.float32) if copy or logits.dtype != np.float32 else logits
         return binding.binding.get_outputs()[0].numpy().astype(np.float32, copy=False)
 
     def _logits_buffer(self, batch: int, width: int) -> tuple[np.ndarray, Any] | None:

@@ -181,11 +181,14 @@ def _group_steps(
                 ids[i, 0], pos[i, 0] = r.generated[-1], len(r.prompt_ids)
                 live.append((i, r))
         run = transient_run(session)
+        argmax_only = all(r.choose.argmax_only for r in group)
         while live:
             logits = run(ids, pos)
+            # one argmax over the batch gives every greedy row the token its own accept would choose
+            chosen = logits[:, -1].argmax(-1).tolist() if argmax_only else None
             taken, ended = [], False
             for i, r in live:
-                token = r.accept(logits[i, -1])
+                token = r.take(chosen[i]) if chosen is not None else r.accept(logits[i, -1])
                 taken.append((r, token))
                 if r.done:
                     ids[i, 0], pos[i, 0], ended = pad_token_id, PAD_POSITION, True

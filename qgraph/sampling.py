@@ -86,6 +86,8 @@ class TokenChooser:
     def __init__(self, options: SamplingOptions):
         self.options = options
         self.rng = np.random.default_rng(options.seed) if options.do_sample else None
+        # greedy without a repetition penalty: the token is the logits' argmax, whatever came before
+        self.argmax_only = not options.do_sample and options.repetition_penalty == 1.0
 
     def distribution(self, logits: np.ndarray, previous_ids: Iterable[int]) -> np.ndarray:
         """The distribution a sampling request draws its next token from (speculative sampling verifies against it)."""
