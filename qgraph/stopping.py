@@ -30,8 +30,8 @@ class TextTracker:
 
     @property
     def text(self) -> str:
-        """All the tokens' text, decoded when read: without stop strings and streaming only the end reads it (a
-        decode of every token so far at every step costs a batch of 8 tenths of a millisecond a step)."""
+        """All the tokens' text, decoded when read: without stop strings and streaming only the end reads it
+        (SmolLM2's tokenizer decodes 64 tokens in ~14 µs, 128 in ~26: a batch of 8 would pay 0.1-0.2 ms a step)."""
         if self._decoded != len(self.tokens):
             self._text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
             self._decoded = len(self.tokens)
