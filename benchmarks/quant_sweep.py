@@ -51,6 +51,7 @@ CONFIGS: dict[str, dict[str, dict]] = {
         "minmax-head8": MINMAX_INT4 | {"head_bits": 8, "float_zero_points": "split"},
         "minmax-head4": MINMAX_INT4 | {"head_bits": 4, "float_zero_points": "split"},
         "minmax-input-head8": MINMAX_INT4 | {"head_bits": 8, "float_zero_points": "input"},
+        "auto-head8": MINMAX_INT4 | {"algorithm": "auto", "head_bits": 8, "float_zero_points": "split"},
     },
     "int8": {
         "default": {},

@@ -24,11 +24,14 @@ Embedding tables (``Gather`` from a float32 ``[V, H]`` initializer) become ``com
 gather touches only the pages of the rows it reads. (Sharing the 8-bit blocks of a tied LM head with the gather was
 measured to cost memory: the head's original blocks then stay resident beside their pre-packed copy.)
 
-4-bit blocks come from one of three algorithms: ``"rtn"`` (ONNX Runtime's round-to-nearest: scale
+4-bit blocks come from one of four algorithms: ``"rtn"`` (ONNX Runtime's round-to-nearest: scale
 ``(max - min) / 15`` and an integer zero point, which rounds the block's minimum onto the scale grid), ``"minmax"``
-(the same scale with the float zero point ``-min / scale``: ``w = scale * q + min``, llama.cpp's Q4_1 blocks) and
+(the same scale with the float zero point ``-min / scale``: ``w = scale * q + min``, llama.cpp's Q4_1 blocks),
 ``"hqq"`` (ONNX Runtime's HQQ, ``HQQWeightOnlyQuantizer``: a half-quadratic solver refines each block's scale and
-float zero point). An 8-bit LM head stays round-to-nearest whatever the algorithm.
+float zero point) and ``"auto"``: ``"minmax"`` for a weight whose blocks already lie on 16 min/max levels (a
+checkpoint dequantized from 4-bit blocks: there it is exact), ``"rtn"`` for any other (a model trained in bf16:
+there min/max blocks come within ~3 % of round-to-nearest's error and the float zero points would only cost time).
+An 8-bit LM head stays round-to-nearest whatever the algorithm.
 
 Float zero points are executed one of two ways (``float_zero_points``):
 
@@ -66,7 +69,10 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 from qgraph.graph_utils import MS_DOMAIN, add_initializer, derived_name, onnx_opset
 from qgraph.pass_manager import CountedResult, GraphPass
 
-ALGORITHMS = ("rtn", "minmax", "hqq")
+ALGORITHMS = ("rtn", "minmax", "hqq", "auto")
+# "auto": a weight is on a 4-bit min/max grid when this share of its values (in blocks whose levels are not all one
+# value) lies within this fraction of a step of a level; off-grid weights have ~6 % there (each block's min and max)
+ON_GRID_SHARE, ON_GRID_TOLERANCE = 0.99, 1e-3
 FLOAT_ZERO_POINTS = ("split", "input")
 
 
@@ -122,6 +128,23 @@ def _pack(values: np.ndarray, bits: int) -> np.ndarray:
     if values.shape[-1] % 2:
         values = np.concatenate([values, np.zeros((*values.shape[:-1], 1), np.uint8)], axis=-1)
     return values[..., 0::2] | (values[..., 1::2] << 4)
+
+
+def on_min_max_grid(w_kn: np.ndarray, block_size: int, levels: int = 15) -> bool:
+    """Whether ``w_kn``'s blocks of ``block_size`` along K each lie on ``levels + 1`` evenly spaced values from their
+    minimum to their maximum (``min + (max - min) / levels * q``), as weights dequantized from such blocks do."""
+    k, n = w_kn.shape
+    if k % block_size:
+        return False
+    w = w_kn.T.reshape(n, k // block_size, block_size)
+    low = w.min(-1, keepdims=True)
+    step = (w.max(-1, keepdims=True) - low) / levels
+    varied = step[..., 0] > 0
+    if not varied.any():
+        return False
+    position = (w - low) / np.where(step > 0, step, 1)
+    near = np.abs(position - np.rint(position)) <= ON_GRID_TOLERANCE
+    return bool(near[varied].mean() >= ON_GRID_SHARE)
 
 
 @dataclass
@@ -231,7 +254,9 @@ class QuantizeWeights(GraphPass):
     def _quantize(self, w_kn: np.ndarray, bits: int) -> Blocks:
         if bits == 4 and self.algorithm == "hqq":  # an 8-bit LM head stays round-to-nearest
             return self._quantize_hqq(w_kn)
-        if bits == 4 and self.algorithm == "minmax":
+        if bits == 4 and (
+            self.algorithm == "minmax" or (self.algorithm == "auto" and on_min_max_grid(w_kn, self.block_size))
+        ):
             return self._quantize_min_max(w_kn)
         return self._quantize_rtn(w_kn, bits, self.symmetric)
 

@@ -20,7 +20,7 @@ QUANTIZATION_DEFAULTS: dict[str, dict[str, Any]] = {
         "symmetric": False,
         "accuracy_level": 4,
         "head_bits": 4,
-        "algorithm": "minmax",
+        "algorithm": "auto",  # exact float zero points for weights already on 4-bit grids, round-to-nearest elsewhere
         "float_zero_points": "split",
     },
 }

@@ -131,9 +131,9 @@ def test_bad_options_are_refused():
         QuantizeWeights(bits=3)
     with pytest.raises(ValueError, match="block_size"):
         QuantizeWeights(block_size=24)
-    with pytest.raises(ValueError, match="algorithm must be one of rtn, minmax, hqq, got 'gptq'"):
+    with pytest.raises(ValueError, match="algorithm must be one of rtn, minmax, hqq, auto, got 'gptq'"):
         QuantizeWeights(algorithm="gptq")
-    for algorithm in ("hqq", "minmax"):
+    for algorithm in ("hqq", "minmax", "auto"):
         with pytest.raises(ValueError, match=f"'{algorithm}' is 4-bit and asymmetric"):
             QuantizeWeights(algorithm=algorithm, symmetric=True)
         with pytest.raises(ValueError, match=f"'{algorithm}' is 4-bit and asymmetric"):
@@ -249,6 +249,32 @@ def test_split_float_zero_points_keep_q4_1_blocks_within_a_thirtieth_of_a_step(t
             assert matmul.inputs[3].const_value.dtype == ir.DataType.UINT8
     assert (errors["minmax"] <= largest_step / 30 + 1e-6).all()
     assert errors["rtn"].max() > 10 * errors["minmax"].max(), (errors["rtn"].max(), errors["minmax"].max())
+
+
+def test_auto_splits_only_weights_already_on_a_4_bit_grid(tmp_path):
+    """``algorithm="auto"`` (the int4 default): a dequantized Q4_1 weight gets the exact float zero points (split:
+    block sums, K + K/32, within 1/30 of a step), a weight on no grid (Gaussian, as a model trained in bf16) gets
+    round-to-nearest with integer zero points and no extra nodes; a bf16-rounded Gaussian weight is on no grid
+    either."""
+    rng = np.random.default_rng(3)
+    k, n = 256, 64
+    on_grid = _q4_1_weight(rng, k, n, positive_block=False)
+    gaussian = rng.normal(0, 0.02, (k, n)).astype(np.float32)
+    bf16 = (gaussian.view(np.uint32) & 0xFFFF0000).view(np.float32)  # what a bf16 checkpoint holds
+    for name, w, split in (("q4_1", on_grid, True), ("gaussian", gaussian, False), ("bf16", bf16, False)):
+        model = _single_op_model("matmul", w, np.zeros(n, np.float32), rows=k)
+        report = QuantizeWeights(bits=4, accuracy_level=0, min_elements=0, algorithm="auto")(model).counts
+        ops = [node.op_type for node in model.graph]
+        matmul = model.graph.node(len(ops) - 1)
+        assert matmul.inputs[3].const_value.dtype == ir.DataType.UINT8, name  # the fast kernel's zero points
+        if split:
+            assert report["float_zero_points_split"] == 1 and ops == ["Reshape", "ReduceSum", "Concat", "MatMulNBits"]
+            assert matmul.attributes["K"].value == k + k // 32
+            error = np.abs(_weights_ort_multiplies_by(model, k, tmp_path, name) - w)
+            assert (error <= (w.max(0) - w.min(0)) / 15 / 30 + 1e-6).all()
+        else:
+            assert report["float_zero_points_split"] == 0 and ops == ["MatMulNBits"], (name, ops)
+            assert matmul.attributes["K"].value == k
 
 
 def test_split_blocks_compute_the_product_with_int8_activations(tmp_path):
