@@ -28,9 +28,11 @@ measured to cost memory: the head's original blocks then stay resident beside th
 ``(max - min) / 15`` and an integer zero point, which rounds the block's minimum onto the scale grid), ``"minmax"``
 (the same scale with the float zero point ``-min / scale``: ``w = scale * q + min``, llama.cpp's Q4_1 blocks),
 ``"hqq"`` (ONNX Runtime's HQQ, ``HQQWeightOnlyQuantizer``: a half-quadratic solver refines each block's scale and
-float zero point) and ``"auto"``: ``"minmax"`` for a weight whose blocks already lie on 16 min/max levels (a
-checkpoint dequantized from 4-bit blocks: there it is exact), ``"rtn"`` for any other (a model trained in bf16:
-there min/max blocks come within ~3 % of round-to-nearest's error and the float zero points would only cost time).
+float zero point) and ``"auto"``: ``"minmax"`` when most 4-bit weights' blocks already lie on 16 min/max levels (a
+checkpoint dequantized from 4-bit blocks: there it is exact, and its LM head, kept at 8 bits by such files, still
+gains from it), ``"rtn"`` otherwise (a model trained in bf16: there min/max blocks come within ~3 % of
+round-to-nearest's error and the split float zero points would only cost time). It logs what it chose; the report
+counts the weights on a grid.
 An 8-bit LM head stays round-to-nearest whatever the algorithm.
 
 Float zero points are executed one of two ways (``float_zero_points``):
@@ -69,10 +71,13 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 from qgraph.graph_utils import MS_DOMAIN, add_initializer, derived_name, onnx_opset
 from qgraph.pass_manager import CountedResult, GraphPass
 
+log = logging.getLogger(__name__)
+
 ALGORITHMS = ("rtn", "minmax", "hqq", "auto")
 # "auto": a weight is on a 4-bit min/max grid when this share of its values (in blocks whose levels are not all one
 # value) lies within this fraction of a step of a level; off-grid weights have ~6 % there (each block's min and max)
 ON_GRID_SHARE, ON_GRID_TOLERANCE = 0.99, 1e-3
+GRID_SAMPLE_COLUMNS = 256  # a dequantized checkpoint's columns are all on the grid: a sample tells
 FLOAT_ZERO_POINTS = ("split", "input")
 
 
@@ -251,14 +256,21 @@ class QuantizeWeights(GraphPass):
 
     # -- quantizing ---------------------------------------------------------------------------------------------
 
-    def _quantize(self, w_kn: np.ndarray, bits: int) -> Blocks:
-        if bits == 4 and self.algorithm == "hqq":  # an 8-bit LM head stays round-to-nearest
+    def _quantize(self, w_kn: np.ndarray, bits: int, algorithm: str) -> Blocks:
+        if bits == 4 and algorithm == "hqq":  # an 8-bit LM head stays round-to-nearest
             return self._quantize_hqq(w_kn)
-        if bits == 4 and (
-            self.algorithm == "minmax" or (self.algorithm == "auto" and on_min_max_grid(w_kn, self.block_size))
-        ):
+        if bits == 4 and algorithm == "minmax":
             return self._quantize_min_max(w_kn)
         return self._quantize_rtn(w_kn, bits, self.symmetric)
+
+    def _resolved_algorithm(self, weights: list[np.ndarray]) -> tuple[str, int]:
+        """``self.algorithm``, with ``"auto"`` resolved over the 4-bit ``weights``: ``"minmax"`` when more than half
+        lie on a 4-bit min/max grid (judged on up to ``GRID_SAMPLE_COLUMNS`` columns each), else ``"rtn"``; and how
+        many lie on one."""
+        on_grid = sum(on_min_max_grid(w[:, :GRID_SAMPLE_COLUMNS], self.block_size) for w in weights)
+        if self.algorithm != "auto":
+            return self.algorithm, on_grid
+        return ("minmax" if 2 * on_grid > len(weights) else "rtn"), on_grid
 
     def _quantize_rtn(self, w_kn: np.ndarray, bits: int, symmetric: bool) -> Blocks:
         """ONNX Runtime's round-to-nearest blocks (integer zero points unless symmetric)."""
@@ -401,17 +413,21 @@ class QuantizeWeights(GraphPass):
         bytes_before = bytes_after = 0
         squared_error = squared_weight = 0.0
         with_blocksums: dict[ir.Value, ir.Value | None] = {}
+        targets = []
         for node in list(graph):
             found = self._weight_kn(node)
             if found is None:
                 continue
-            w_kn, source, bias = found
-            if w_kn.dtype != np.float32 or w_kn.size < self.min_elements:
+            if found[0].dtype != np.float32 or found[0].size < self.min_elements:
                 counts["skipped_small"] += 1
                 continue
+            targets.append((node, *found, self.head_bits if node is head else self.bits))
+        algorithm, on_grid = self._resolved_algorithm([t[1] for t in targets if t[4] == 4])
+        if self.algorithm == "auto" and targets:
+            log.info("quantize-weights: algorithm auto -> %s (%d weights on a 4-bit min/max grid)", algorithm, on_grid)
+        for node, w_kn, source, bias, bits in targets:
             k, n = w_kn.shape
-            bits = self.head_bits if node is head else self.bits
-            blocks = self._quantize(w_kn, bits)
+            blocks = self._quantize(w_kn, bits, algorithm)
             x, k_read = node.inputs[0], k
             if blocks.float_zero_points and self.float_zero_points == "split" and k % self.block_size == 0:
                 if x not in with_blocksums:
@@ -479,6 +495,7 @@ class QuantizeWeights(GraphPass):
         return self.result(
             model,
             **counts,
+            weights_on_4_bit_grid=on_grid,
             embeddings_quantized=embeddings,
             weight_mib_before=round(bytes_before / 2**20),
             weight_mib_after=round(bytes_after / 2**20),

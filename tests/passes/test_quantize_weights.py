@@ -277,6 +277,38 @@ def test_auto_splits_only_weights_already_on_a_4_bit_grid(tmp_path):
             assert matmul.attributes["K"].value == k
 
 
+def _chain_model(weights: list[np.ndarray]) -> ir.Model:
+    """``y = x @ W1 @ W2 @ ...`` (square ``[K, K]`` weights)."""
+    k = weights[0].shape[0]
+    value = x = ir.Value(name="x", shape=ir.Shape([4, k]), type=ir.TensorType(ir.DataType.FLOAT))
+    nodes, inits = [], []
+    for i, w in enumerate(weights):
+        const = ir.Value(name=f"w{i}", shape=ir.Shape(w.shape), type=ir.TensorType(ir.DataType.FLOAT))
+        const.const_value = ir.tensor(w, name=f"w{i}")
+        inits.append(const)
+        nodes.append(ir.node("MatMul", [value, const], name=f"matmul{i}"))
+        value = nodes[-1].outputs[0]
+        value.name, value.type, value.shape = f"h{i}", ir.TensorType(ir.DataType.FLOAT), ir.Shape([4, k])
+    value.name = "y"
+    graph = ir.Graph([x], [value], nodes=nodes, initializers=inits, opset_imports={"": 20})
+    return ir.Model(graph, ir_version=10)
+
+
+@pytest.mark.parametrize(("grid_weights", "split"), [(2, True), (1, False)])
+def test_auto_decides_for_the_whole_model_by_its_majority_of_weights(grid_weights, split):
+    """A checkpoint dequantized from 4-bit blocks keeps some weights off the grid (llama.cpp files keep the LM head
+    at 8 bits): ``auto`` gives every 4-bit weight float zero points when most are on a grid, none otherwise."""
+    rng = np.random.default_rng(4)
+    k = 128
+    weights = [_q4_1_weight(rng, k, k, positive_block=False) for _ in range(grid_weights)]
+    weights += [rng.normal(0, 0.02, (k, k)).astype(np.float32) for _ in range(3 - grid_weights)]
+    model = _chain_model(weights)
+    counts = QuantizeWeights(bits=4, min_elements=0, algorithm="auto")(model).counts
+    assert counts["weights_on_4_bit_grid"] == grid_weights and counts["quantized"] == 3
+    assert counts["float_zero_points_split"] == (3 if split else 0)
+    assert sum(node.op_type == "ReduceSum" for node in model.graph) == (3 if split else 0)
+
+
 def test_split_blocks_compute_the_product_with_int8_activations(tmp_path):
     """At the default ``accuracy_level`` 4 (int8 activation blocks, the block sums a block of their own) the split
     product of Q4_1 weights stays within 1% rms of ``x @ w``; Gaussian (off-grid) weights within the 4-bit
