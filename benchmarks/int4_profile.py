@@ -24,6 +24,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,55 @@ from benchmarks.models import smollm2_dir
 from benchmarks.workload import prompt_rows
 
 CACHE_DIR = Path.home() / ".cache" / "qgraph"
+
+
+def time_session_runs(session, clock: Callable[[], float] = time.perf_counter) -> list[float]:
+    """Every later ``run_with_iobinding`` of a qgraph ``OrtDecoderSession``'s ORT session, timed by ``clock``: the
+    list the durations (seconds) are appended to."""
+    runs: list[float] = []
+    inner = session.session.run_with_iobinding
+
+    def timed(binding, *args):
+        start = clock()
+        inner(binding, *args)
+        runs.append(clock() - start)
+
+    session.session.run_with_iobinding = timed
+    return runs
+
+
+def genai_plain_loop(
+    session, path: Path, rows: list[list[int]], steps: int, clock: Callable[[], float] = time.perf_counter
+) -> list[float]:
+    """One greedy generation of genai's ``model.onnx`` (in ``path``) by a plain ORT loop fed the way its runtime feeds
+    it: the prompt in one run, then one token a step; one KV buffer per layer bound as both past and present, the
+    attention mask growing by one column a step. Returns each run's duration by ``clock`` (the prompt's first)."""
+    import onnxruntime as ort
+
+    config = json.loads((path / "genai_config.json").read_text())["model"]["decoder"]
+    layers, kv_heads, head = config["num_hidden_layers"], config["num_key_value_heads"], config["head_size"]
+    batch, prompt = len(rows), len(rows[0])
+    buffers = [
+        ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, kv_heads, prompt + steps + 1, head), np.float32))
+        for _ in range(2 * layers)
+    ]
+    binding = session.io_binding()
+    binding.bind_output("logits", "cpu")  # first: get_outputs()[0] (rebinding keeps the slot)
+    for i in range(layers):
+        for j, kind in enumerate(("key", "value")):
+            binding.bind_ortvalue_input(f"past_key_values.{i}.{kind}", buffers[2 * i + j])
+            binding.bind_ortvalue_output(f"present.{i}.{kind}", buffers[2 * i + j])
+    ids = np.array(rows, np.int64)
+    runs = []
+    for total in range(prompt, prompt + steps + 1):
+        binding.bind_cpu_input("input_ids", ids)
+        binding.bind_cpu_input("attention_mask", np.ones((batch, total), np.int64))
+        binding.bind_output("logits", "cpu")  # its shape changes after the prompt
+        start = clock()
+        session.run_with_iobinding(binding)
+        runs.append(clock() - start)
+        ids = binding.get_outputs()[0].numpy()[:, -1].argmax(-1).astype(np.int64)[:, None]
+    return runs
 
 
 def _step_profile(profile: Path, skip_runs: int) -> dict:
@@ -109,15 +159,7 @@ def qgraph_profile(model_dir: Path, quantization: dict, rows: list[list[int]], s
     result["graph_nodes"] = _node_counts(onnx_path)
     # the runtime loop's whole step, timed without the profiler: thread CPU time of a decode step vs session.run's
     plain, _ = qgraph_session(model_dir, quantization, rows, None)
-    run_cpu: list[float] = []
-    inner = plain.session.run_with_iobinding
-
-    def timed(binding, *args):
-        start = time.thread_time()
-        inner(binding, *args)
-        run_cpu.append(time.thread_time() - start)
-
-    plain.session.run_with_iobinding = timed
+    run_cpu = time_session_runs(plain, time.thread_time)
     steps_cpu = []
     for _ in range(3):
         run_cpu.clear()
@@ -140,46 +182,22 @@ def genai_profile(model_dir: Path, rows: list[list[int]], steps: int, tmp: Path)
     import onnxruntime as ort
 
     path = genai_model(model_dir, 1)
-    config = json.loads((path / "genai_config.json").read_text())["model"]["decoder"]
-    layers, kv_heads, head = config["num_hidden_layers"], config["num_key_value_heads"], config["head_size"]
-    batch, prompt = len(rows), len(rows[0])
-    buffers = [
-        ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, kv_heads, prompt + steps + 1, head), np.float32))
-        for _ in range(2 * layers)
-    ]
-    run_cpu: list[float] = []
 
-    def generate(profile: bool) -> ort.InferenceSession:
+    def session_for(profile: bool) -> ort.InferenceSession:
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1
         options.enable_profiling = profile
         options.profile_file_prefix = str(tmp / "genai")
-        session = ort.InferenceSession(str(path / "model.onnx"), options, providers=["CPUExecutionProvider"])
-        binding = session.io_binding()
-        binding.bind_output("logits", "cpu")  # first: get_outputs()[0] (rebinding keeps the slot)
-        for i in range(layers):
-            for j, kind in enumerate(("key", "value")):
-                binding.bind_ortvalue_input(f"past_key_values.{i}.{kind}", buffers[2 * i + j])
-                binding.bind_ortvalue_output(f"present.{i}.{kind}", buffers[2 * i + j])
-        ids = np.array(rows, np.int64)
-        for total in range(prompt, prompt + steps + 1):
-            binding.bind_cpu_input("input_ids", ids)
-            binding.bind_cpu_input("attention_mask", np.ones((batch, total), np.int64))
-            binding.bind_output("logits", "cpu")  # its shape changes after the prompt
-            start = time.thread_time()
-            session.run_with_iobinding(binding)
-            run_cpu.append(time.thread_time() - start)
-            ids = binding.get_outputs()[0].numpy()[:, -1].argmax(-1).astype(np.int64)[:, None]
-        return session
+        return ort.InferenceSession(str(path / "model.onnx"), options, providers=["CPUExecutionProvider"])
 
-    session = generate(profile=True)
+    session = session_for(profile=True)
+    genai_plain_loop(session, path, rows, steps)
     result = _step_profile(Path(session.end_profiling()), skip_runs=1)
     result["graph_nodes"] = _node_counts(path / "model.onnx", onnx)
-    timings = []
-    for _ in range(3):
-        run_cpu.clear()
-        generate(profile=False)
-        timings.append(statistics.median(run_cpu[1:]))
+    timings = [
+        statistics.median(genai_plain_loop(session_for(profile=False), path, rows, steps, time.thread_time)[1:])
+        for _ in range(3)
+    ]
     result["run_cpu_ms"] = 1000 * statistics.median(timings)
     result["step_cpu_ms"] = _genai_runtime_step_cpu(path, rows, steps)
     return result

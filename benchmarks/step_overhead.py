@@ -27,8 +27,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-
+from benchmarks.int4_profile import genai_plain_loop, time_session_runs
 from benchmarks.int4_vs_genai import CTX_LEN, genai_model
 from benchmarks.models import smollm2_dir
 from benchmarks.report import RESULTS_DIR, run_header, run_record, write_results
@@ -66,15 +65,7 @@ def qgraph_runner(
         PROMPT_LEN,
         saved.get("graph"),
     )
-    runs: list[float] = []
-    inner = session.session.run_with_iobinding
-
-    def timed(binding, *args):
-        start = time.perf_counter()
-        inner(binding, *args)
-        runs.append(time.perf_counter() - start)
-
-    session.session.run_with_iobinding = timed
+    runs = time_session_runs(session)
 
     def run(rows: list[list[int]]) -> Steps:
         runs.clear()
@@ -94,40 +85,17 @@ def qgraph_runner(
     return run
 
 
-def genai_runner(model_dir: Path, batch: int, threads: int, steps: int) -> Callable[[list[list[int]]], Steps]:
+def genai_runner(model_dir: Path, threads: int, steps: int) -> Callable[[list[list[int]]], Steps]:
     """genai's int4 ``model.onnx`` in a plain ORT loop fed as its runtime feeds it; per decode step its run ms."""
     import onnxruntime as ort
 
     path = genai_model(model_dir, threads)
-    config = json.loads((path / "genai_config.json").read_text())["model"]["decoder"]
-    layers, kv_heads, head = config["num_hidden_layers"], config["num_key_value_heads"], config["head_size"]
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     session = ort.InferenceSession(str(path / "model.onnx"), options, providers=["CPUExecutionProvider"])
 
     def run(rows: list[list[int]]) -> Steps:
-        prompt = len(rows[0])
-        buffers = [
-            ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, kv_heads, prompt + steps + 1, head), np.float32))
-            for _ in range(2 * layers)
-        ]
-        binding = session.io_binding()
-        binding.bind_output("logits", "cpu")  # first: get_outputs()[0] is the logits
-        for i in range(layers):
-            for j, kind in enumerate(("key", "value")):
-                binding.bind_ortvalue_input(f"past_key_values.{i}.{kind}", buffers[2 * i + j])
-                binding.bind_ortvalue_output(f"present.{i}.{kind}", buffers[2 * i + j])
-        ids = np.array(rows, np.int64)
-        runs = []
-        for total in range(prompt, prompt + steps + 1):
-            binding.bind_cpu_input("input_ids", ids)
-            binding.bind_cpu_input("attention_mask", np.ones((batch, total), np.int64))
-            binding.bind_output("logits", "cpu")
-            start = time.perf_counter()
-            session.run_with_iobinding(binding)
-            runs.append(time.perf_counter() - start)
-            ids = binding.get_outputs()[0].numpy()[:, -1].argmax(-1).astype(np.int64)[:, None]
-        return {"run_ms": [1000 * r for r in runs[1:]]}
+        return {"run_ms": [1000 * r for r in genai_plain_loop(session, path, rows, steps)[1:]]}
 
     return run
 
@@ -225,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         variants[f"qgraph int4 ({config})"] = {
             b: qgraph_runner(model_dir, CONFIGS["int4"][config], b, args.threads, args.steps) for b in batches
         }
-    variants[GENAI] = {b: genai_runner(model_dir, b, args.threads, args.steps) for b in batches}
+    variants[GENAI] = {b: genai_runner(model_dir, args.threads, args.steps) for b in batches}
     runs = measure(variants, prompts, args.rounds)
     result = {
         **run_record("benchmarks.step_overhead", argv, load_start),
