@@ -39,7 +39,8 @@ import numpy as np
 from benchmarks.models import smollm2_dir
 from benchmarks.report import RESULTS_DIR, run_header, run_record, write_results
 from qgraph.eval_text import COMMON_LICENSES_DIR, common_licenses_text
-from qgraph.perplexity import DEFAULT_CTX_LEN, DEFAULT_STRIDE, TokenScores, score_window, strided_windows
+from qgraph.evaluation import score_torch_model
+from qgraph.perplexity import DEFAULT_CTX_LEN, DEFAULT_STRIDE, strided_windows
 
 GROUPS = {
     "q/k/v": ("q_proj", "k_proj", "v_proj"),
@@ -54,16 +55,11 @@ Weights = dict[str, np.ndarray]  # linear name -> [K, N] float32 (MatMul orienta
 
 
 def perplexity(model, token_ids: list[int]) -> float:
-    """``qgraph.perplexity``'s strided windows over ``token_ids``, scored from the model's logits."""
-    import torch
-
+    """``qgraph eval``'s strided windows over ``token_ids``, scored from the model's logits
+    (``qgraph.evaluation.score_torch_model``, what scores the HF reference)."""
     ids = np.asarray(token_ids, dtype=np.int64)
-    parts = []
-    for window in strided_windows(len(ids), DEFAULT_CTX_LEN, DEFAULT_STRIDE):
-        with torch.no_grad():
-            logits = model(torch.from_numpy(ids[None, window.begin : window.end])).logits[0]
-        parts.append(score_window(logits.numpy(), ids, window))
-    return TokenScores.concatenate(parts).perplexity
+    windows = strided_windows(len(ids), DEFAULT_CTX_LEN, DEFAULT_STRIDE)
+    return score_torch_model(model, ids, windows).perplexity
 
 
 def linears(model) -> dict:
