@@ -422,7 +422,7 @@ class QuantizeWeights(GraphPass):
                 counts["skipped_small"] += 1
                 continue
             targets.append((node, *found, self.head_bits if node is head else self.bits))
-        algorithm, on_grid = self._resolved_algorithm([t[1] for t in targets if t[4] == 4])
+        algorithm, on_grid = self._resolved_algorithm([w for _, w, _, _, bits in targets if bits == 4])
         if self.algorithm == "auto" and targets:
             log.info("quantize-weights: algorithm auto -> %s (%d weights on a 4-bit min/max grid)", algorithm, on_grid)
         for node, w_kn, source, bias, bits in targets:
